@@ -1,0 +1,123 @@
+// Op schemas and the CPU registrations. This is the only file that includes torch/extension.h
+// (it is the slow one to compile). The Python wrappers in deft_kernels.ops validate arguments with
+// messages that name them; the checks here repeat what memory safety needs, so that a direct
+// torch.ops.deft_kernels.* call with bad input raises instead of reading out of bounds.
+#include <omp.h>
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+
+namespace deft_kernels {
+namespace {
+
+void check_float_vector(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_index_vector(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel");
+}
+
+void check_offsets(const at::Tensor& offsets, int64_t n) {
+  check_index_vector(offsets, "offsets");
+  TORCH_CHECK(offsets.numel() >= 1, "offsets must have at least one element (F + 1 for F fragments)");
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t m = offsets.numel();
+  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
+  TORCH_CHECK(o[m - 1] == n, "offsets[-1] must equal the vector length ", n, ", got ", o[m - 1]);
+  for (int64_t i = 1; i < m; ++i)
+    TORCH_CHECK(o[i] >= o[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ", o[i],
+                " < offsets[", i - 1, "] = ", o[i - 1]);
+}
+
+void check_indices_in_range(const at::Tensor& indices, int64_t n) {
+  const int64_t* p = indices.const_data_ptr<int64_t>();
+  const int64_t m = indices.numel();
+  bool ok = true;
+#pragma omp parallel for reduction(&& : ok) if (m > (1 << 16))
+  for (int64_t i = 0; i < m; ++i) ok = ok && p[i] >= 0 && p[i] < n;
+  TORCH_CHECK(ok, "indices must lie in [0, ", n, ")");
+}
+
+at::Tensor accumulate_norms_cpu(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
+  check_float_vector(grad, "grad");
+  check_float_vector(residual, "residual");
+  TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "residual dtype ", residual.scalar_type(),
+              " must match grad dtype ", grad.scalar_type());
+  TORCH_CHECK(grad.numel() == residual.numel(), "residual length ", residual.numel(), " must match grad length ",
+              grad.numel());
+  check_offsets(offsets, grad.numel());
+  return cpu::accumulate_norms(grad, residual, offsets);
+}
+
+at::Tensor segmented_topk_cpu(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& k,
+                              const c10::optional<at::Tensor>& fragments, int64_t index_base) {
+  check_float_vector(values, "values");
+  check_offsets(offsets, values.numel());
+  check_index_vector(k, "k");
+  const int64_t num_frags = offsets.numel() - 1;
+  TORCH_CHECK(k.numel() == num_frags, "k must have one entry per fragment (", num_frags, "), got ", k.numel());
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t* kk = k.const_data_ptr<int64_t>();
+  for (int64_t f = 0; f < num_frags; ++f)
+    TORCH_CHECK(kk[f] >= 0 && kk[f] <= o[f + 1] - o[f], "k[", f, "] = ", kk[f], " must lie in [0, ",
+                o[f + 1] - o[f], "] (the size of fragment ", f, ")");
+  if (fragments.has_value()) {
+    check_index_vector(*fragments, "fragments");
+    const int64_t* fr = fragments->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < fragments->numel(); ++i)
+      TORCH_CHECK(fr[i] >= 0 && fr[i] < num_frags, "fragments[", i, "] = ", fr[i], " is not a fragment id in [0, ",
+                  num_frags, ")");
+  }
+  TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
+  return cpu::segmented_topk(values, offsets, k, fragments, index_base);
+}
+
+at::Tensor sparse_pack_cpu(const at::Tensor& values, const at::Tensor& indices) {
+  check_float_vector(values, "values");
+  check_index_vector(indices, "indices");
+  check_indices_in_range(indices, values.numel());
+  return cpu::sparse_pack(values, indices);
+}
+
+at::Tensor sparse_unpack_cpu(at::Tensor& residual, const at::Tensor& indices, const at::Tensor& values,
+                             double scale) {
+  check_float_vector(residual, "residual");
+  check_index_vector(indices, "indices");
+  check_float_vector(values, "values");
+  TORCH_CHECK(values.scalar_type() == residual.scalar_type(), "values dtype ", values.scalar_type(),
+              " must match residual dtype ", residual.scalar_type());
+  TORCH_CHECK(values.numel() == indices.numel(), "values length ", values.numel(), " must match indices length ",
+              indices.numel());
+  check_indices_in_range(indices, residual.numel());
+  return cpu::sparse_unpack(residual, indices, values, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(deft_kernels, m) {
+  m.def("accumulate_norms(Tensor grad, Tensor(a!) residual, Tensor offsets) -> Tensor");
+  m.def("segmented_topk(Tensor values, Tensor offsets, Tensor k, Tensor? fragments=None, int index_base=0) -> Tensor");
+  m.def("sparse_pack(Tensor values, Tensor indices) -> Tensor");
+  m.def("sparse_unpack(Tensor(a!) residual, Tensor indices, Tensor values, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deft_kernels, CPU, m) {
+  m.impl("accumulate_norms", &accumulate_norms_cpu);
+  m.impl("segmented_topk", &segmented_topk_cpu);
+  m.impl("sparse_pack", &sparse_pack_cpu);
+  m.impl("sparse_unpack", &sparse_unpack_cpu);
+}
+
+}  // namespace deft_kernels
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "deft_kernels compiled ops; importing this module registers torch.ops.deft_kernels.*";
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+}

@@ -1,0 +1,70 @@
+#include <ATen/core/Tensor.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace deft_kernels::cpu {
+namespace {
+
+// Work is cut into fixed-size chunks of the flat vector, independent of the fragment layout, so
+// one huge fragment and thousands of tiny ones balance the same way across threads. Each chunk
+// adds its sums of squares into a per-thread row of partials (double), reduced at the end.
+constexpr int64_t kChunk = 1 << 15;
+
+template <typename scalar_t>
+void accumulate_norms_impl(const scalar_t* grad, scalar_t* acc, const int64_t* offsets, int64_t num_frags,
+                           int64_t n, float* norms) {
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(num_chunks)));
+  std::vector<double> partial(static_cast<size_t>(threads) * num_frags, 0.0);
+
+#pragma omp parallel num_threads(threads)
+  {
+    double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * num_frags;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t lo = c * kChunk;
+      const int64_t hi = std::min(n, lo + kChunk);
+      // First fragment whose end lies past lo (empty fragments are skipped by the loop below).
+      int64_t f = std::upper_bound(offsets + 1, offsets + num_frags + 1, lo) - (offsets + 1);
+      int64_t i = lo;
+      while (i < hi) {
+        const int64_t end = std::min(hi, offsets[f + 1]);
+        float s = 0.f;  // fp32 within a chunk piece, double across pieces
+        for (int64_t j = i; j < end; ++j) {
+          const scalar_t a = static_cast<scalar_t>(static_cast<float>(grad[j]) + static_cast<float>(acc[j]));
+          acc[j] = a;
+          const float af = static_cast<float>(a);
+          s += af * af;
+        }
+        mine[f] += s;
+        i = end;
+        ++f;
+      }
+    }
+  }
+  for (int64_t f = 0; f < num_frags; ++f) {
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * num_frags + f];
+    norms[f] = static_cast<float>(std::sqrt(s));
+  }
+}
+
+}  // namespace
+
+at::Tensor accumulate_norms(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
+  const int64_t num_frags = offsets.numel() - 1;
+  at::Tensor norms = at::empty({num_frags}, grad.options().dtype(at::kFloat));
+  DEFT_DISPATCH_FLOATS(grad.scalar_type(), "accumulate_norms", [&] {
+    accumulate_norms_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), residual.mutable_data_ptr<scalar_t>(),
+                                    offsets.const_data_ptr<int64_t>(), num_frags, grad.numel(),
+                                    norms.mutable_data_ptr<float>());
+  });
+  return norms;
+}
+
+}  // namespace deft_kernels::cpu

@@ -1,0 +1,15 @@
+"""deft_kernels: fast kernels and torch.distributed integration for DEFT gradient sparsification.
+
+Layers, data flowing one way (each module's docstring explains its terms):
+
+- ``deft_kernels.ops``: validated entry points to the three kernel ops (registered as
+  ``torch.ops.deft_kernels.*``; C++/OpenMP on CPU, CUDA/Triton on GPU);
+  ``deft_kernels.reference`` holds their plain-PyTorch oracle.
+"""
+
+import torch  # noqa: F401  (loads libc10/libtorch before the extension)
+
+from . import ops, reference  # noqa: F401
+from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack  # noqa: F401
+
+__version__ = "0.1.0"

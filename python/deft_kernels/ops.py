@@ -1,0 +1,179 @@
+"""The ops layer: typed, validated entry points to the kernels.
+
+Each function checks its arguments (raising ``TypeError``/``ValueError`` with the argument's name),
+then calls the ``torch.ops.deft_kernels`` op, which dispatches on the tensors' device: the C++/OpenMP
+kernels on CPU, the CUDA/Triton kernels on GPU where they are registered. ``deft_kernels.reference``
+holds the plain-PyTorch oracle of each op with the same signature.
+
+Fragments are described by ``offsets``: int64, length ``F + 1``, ``offsets[0] == 0``,
+non-decreasing, ``offsets[-1] == N``; fragment ``f`` is ``[offsets[f], offsets[f+1])`` and may be
+empty. All index arithmetic is int64, so vectors past 2**31 elements are fine.
+
+Checks that read tensor data (offsets increasing, k in range, indices in bounds) cost a pass over
+small tensors; on GPU they synchronize. Pass ``validate=False`` in hot loops whose inputs come from
+the planner, which builds them valid by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.deft_kernels.*)
+
+__all__ = ["accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(name: str, t, *, dtypes=None, dim: int | None = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+
+
+def _check_offsets(offsets, n: int, validate: bool) -> None:
+    _check_tensor("offsets", offsets, dtypes=(torch.int64,))
+    if offsets.numel() < 1:
+        raise ValueError("offsets must have at least one element (F + 1 for F fragments)")
+    if not validate:
+        return
+    first, last = offsets[0].item(), offsets[-1].item()
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0, got {first}")
+    if last != n:
+        raise ValueError(f"offsets[-1] must equal the vector length {n}, got {last}")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        bad = int(torch.nonzero(offsets[1:] < offsets[:-1])[0]) + 1
+        raise ValueError(f"offsets must be non-decreasing, but offsets[{bad}] < offsets[{bad - 1}]")
+
+
+def _check_indices(indices, n: int, validate: bool) -> None:
+    _check_tensor("indices", indices, dtypes=(torch.int64,))
+    if validate and indices.numel() > 0:
+        lo, hi = torch.aminmax(indices)
+        if lo.item() < 0 or hi.item() >= n:
+            raise ValueError(f"indices must lie in [0, {n}), got values in [{lo.item()}, {hi.item()}]")
+
+
+def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor, *,
+                     validate: bool = True) -> torch.Tensor:
+    """Error-feedback accumulation fused with per-fragment L2 norms, in one pass over the data.
+
+    ``residual`` is updated in place to ``a = grad + residual`` (fp32 arithmetic, one rounding to
+    the dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment is returned.
+    ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in place) and
+    have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
+    """
+    _check_tensor("grad", grad, dtypes=SUPPORTED_DTYPES)
+    _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
+    _check_same_device("grad", grad, residual=residual, offsets=offsets)
+    if residual.dtype != grad.dtype:
+        raise TypeError(f"residual dtype {residual.dtype} must match grad dtype {grad.dtype}")
+    if residual.numel() != grad.numel():
+        raise ValueError(f"residual length {residual.numel()} must match grad length {grad.numel()}")
+    if not residual.is_contiguous():
+        raise ValueError("residual must be contiguous (it is updated in place)")
+    _check_offsets(offsets, grad.numel(), validate)
+    return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)
+
+
+def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+                   fragments: torch.Tensor | None = None, *, index_base: int = 0,
+                   validate: bool = True) -> torch.Tensor:
+    """Partitioned top-k by magnitude with its own ``k`` per fragment, all fragments in one call.
+
+    Returns int64 indices ``index_base + i`` of the ``k[f]`` largest ``|values[i]|`` in each fragment
+    ``f`` of ``fragments`` (default: every fragment, in order), concatenated in that order and
+    ascending within a fragment: exactly ``sum(k[fragments])`` indices. Magnitude order is that of
+    ``|x|``'s bit pattern: NaN ranks above ``+inf``, ``-0`` ties ``+0``; ties go to the lower index, so
+    the result is a pure function of the input. Only the listed fragments' data is read.
+
+    ``k`` (int64, one entry per fragment, ``0 <= k[f] <= size_f``) is indexed by fragment id, so a
+    worker passes the full ``k`` and the ids of the fragments in its bin. ``index_base`` shifts
+    every returned index, for a vector that is a slice of a larger flat gradient.
+    """
+    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
+    _check_same_device("values", values, offsets=offsets, k=k, fragments=fragments)
+    _check_offsets(offsets, values.numel(), validate)
+    _check_tensor("k", k, dtypes=(torch.int64,))
+    num_frags = offsets.numel() - 1
+    if k.numel() != num_frags:
+        raise ValueError(f"k must have one entry per fragment ({num_frags}), got {k.numel()}")
+    if fragments is not None:
+        _check_tensor("fragments", fragments, dtypes=(torch.int64,))
+    if not isinstance(index_base, int) or index_base < 0:
+        raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
+    if validate:
+        sizes = offsets[1:] - offsets[:-1]
+        bad = (k < 0) | (k > sizes)
+        if bool(bad.any()):
+            f = int(torch.nonzero(bad)[0])
+            raise ValueError(f"k[{f}] = {int(k[f])} must lie in [0, {int(sizes[f])}] (the size of fragment {f})")
+        if fragments is not None and fragments.numel() > 0:
+            lo, hi = torch.aminmax(fragments)
+            if lo.item() < 0 or hi.item() >= num_frags:
+                raise ValueError(f"fragments must hold fragment ids in [0, {num_frags}), "
+                                 f"got values in [{lo.item()}, {hi.item()}]")
+    return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
+
+
+def sparse_pack(values: torch.Tensor, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """Gather: ``values[indices]`` into a new contiguous buffer (the values to all-reduce)."""
+    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
+    _check_same_device("values", values, indices=indices)
+    _check_indices(indices, values.numel(), validate)
+    return torch.ops.deft_kernels.sparse_pack(values.contiguous(), indices.contiguous())
+
+
+def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, *,
+                  validate: bool = True) -> torch.Tensor:
+    """Scatter the reduced values back and clear what was sent, in one pass over the indices.
+
+    Returns a new dense tensor shaped like ``residual``: zero except ``out[indices] = values * scale``
+    (fp32 product, one rounding). ``residual[indices]`` is set to zero in place. Indices should be
+    distinct (DEFT's are by construction); with repeats, which value lands is unspecified.
+    """
+    _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
+    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
+    _check_same_device("residual", residual, indices=indices, values=values)
+    if values.dtype != residual.dtype:
+        raise TypeError(f"values dtype {values.dtype} must match residual dtype {residual.dtype}")
+    if not residual.is_contiguous():
+        raise ValueError("residual must be contiguous (it is updated in place)")
+    _check_indices(indices, residual.numel(), validate)
+    if values.numel() != indices.numel():
+        raise ValueError(f"values length {values.numel()} must match indices length {indices.numel()}")
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+    return torch.ops.deft_kernels.sparse_unpack(residual, indices.contiguous(), values.contiguous(), float(scale))
+
+
+@torch.library.register_fake("deft_kernels::accumulate_norms")
+def _(grad, residual, offsets):
+    return grad.new_empty(offsets.shape[0] - 1, dtype=torch.float32)
+
+
+@torch.library.register_fake("deft_kernels::segmented_topk")
+def _(values, offsets, k, fragments=None, index_base=0):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return values.new_empty(n, dtype=torch.int64)
+
+
+@torch.library.register_fake("deft_kernels::sparse_pack")
+def _(values, indices):
+    return values.new_empty(indices.shape[0])
+
+
+@torch.library.register_fake("deft_kernels::sparse_unpack")
+def _(residual, indices, values, scale):
+    return torch.empty_like(residual)

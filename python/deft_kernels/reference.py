@@ -1,0 +1,73 @@
+"""Plain-PyTorch reference of every op: the oracle of the test suite.
+
+Written for clarity, not speed (per-fragment Python loops, full sorts). Each function has the
+same signature and the same semantics as its op in :mod:`deft_kernels.ops`, so tests compare them
+bit for bit on indices and to fp32 rounding on norms.
+
+Magnitude order (shared by every top-k in the package): the IEEE bit pattern of ``|x|`` read as an
+unsigned integer. That is the numeric order of ``|x|`` for finite values and infinities, ranks
+every NaN above ``+inf`` (a NaN gradient is always selected, so it reaches the averaged gradient
+where the user's NaN check sees it, instead of hiding in the residual), and ties ``-0`` with
+``+0``. Ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["magnitude_key", "accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack"]
+
+_INT_VIEW = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF),
+             torch.float16: (torch.int16, 0x7FFF)}
+
+
+def magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 key whose order is the package's magnitude order of ``x`` (see module docstring)."""
+    int_dtype, mask = _INT_VIEW[x.dtype]
+    return x.contiguous().view(int_dtype).to(torch.int64) & mask
+
+
+def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``residual <- grad + residual`` (fp32 arithmetic, one rounding to the dtype); returns the
+    fp32 L2 norm of the updated residual over each fragment ``[offsets[f], offsets[f+1])``."""
+    acc = (grad.float() + residual.float()).to(residual.dtype)
+    residual.copy_(acc)
+    sq = acc.float().square()
+    bounds = offsets.tolist()
+    sums = [sq[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return torch.stack(sums).sqrt() if sums else sq.new_zeros(0)
+
+
+def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+                   fragments: torch.Tensor | None = None, index_base: int = 0) -> torch.Tensor:
+    """Indices (int64, ``index_base`` + position) of the ``k[f]`` largest magnitudes of each
+    fragment ``f`` in ``fragments`` (default: all, in order), concatenated in that order and
+    ascending within a fragment; ties go to the lower index."""
+    key = magnitude_key(values)
+    bounds = offsets.tolist()
+    ks = k.tolist()
+    frag_ids = range(len(bounds) - 1) if fragments is None else fragments.tolist()
+    out = []
+    for f in frag_ids:
+        lo, hi = bounds[f], bounds[f + 1]
+        pos = torch.arange(lo, hi, dtype=torch.int64, device=values.device)
+        # Sort by index first, then stably by descending key: equal keys keep index order.
+        order = torch.sort(key[lo:hi], descending=True, stable=True).indices
+        out.append(torch.sort(pos[order[: ks[f]]]).values)
+    if not out:
+        return torch.zeros(0, dtype=torch.int64, device=values.device)
+    return torch.cat(out) + index_base
+
+
+def sparse_pack(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``values[indices]``."""
+    return values[indices]
+
+
+def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense output, zero except ``out[indices] = values * scale`` (fp32 product, one rounding);
+    ``residual[indices] = 0`` in place."""
+    out = torch.zeros_like(residual)
+    out[indices] = (values.float() * scale).to(residual.dtype)
+    residual[indices] = 0
+    return out

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU; the variable
+# must be set before any @triton.jit decorator runs, i.e. before deft_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test run, printed on failure (pytest shows captured stdout) and settable with
+    DEFT_TEST_SEED to replay a failure."""
+    value = int(os.environ.get("DEFT_TEST_SEED", torch.seed() % (2**31)))
+    torch.manual_seed(value)
+    print(f"seed={value} (replay with DEFT_TEST_SEED={value})")
+    return value
