@@ -114,6 +114,27 @@ def test_segmented_topk_subset_of_fragments(seed, dtype):
     assert torch.equal(ops.segmented_topk(y, offsets, k, fragments), got)
 
 
+@pytest.mark.parametrize("kind", ["randn", "zeros"])
+def test_segmented_topk_same_result_on_any_thread_count(seed, kind):
+    # Large fragments are split across threads (per-thread histograms and output slices): the
+    # result must not depend on how many there are.
+    sizes = [300_007, 5, 280_000, 0, 9]
+    offsets = offsets_for(sizes)
+    x = make_values(kind, sum(sizes), torch.float32)
+    k = torch.tensor([3000, 2, 140_000, 0, 9])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(ops.segmented_topk(x, offsets, k))
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference.segmented_topk(x, offsets, k)
+    for got in results:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_segmented_topk_empty_subset_and_no_fragments():
     x = torch.randn(10)
     empty = torch.zeros(0, dtype=torch.int64)
