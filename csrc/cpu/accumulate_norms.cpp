@@ -12,8 +12,19 @@ namespace {
 
 // Work is cut into fixed-size chunks of the flat vector, independent of the fragment layout, so
 // one huge fragment and thousands of tiny ones balance the same way across threads. Each chunk
-// adds its sums of squares into a per-thread row of partials (double), reduced at the end.
+// adds its sums of squares into a per-thread row of partials, reduced at the end.
 constexpr int64_t kChunk = 1 << 15;
+
+constexpr int kLanes = 8;
+
+// acc[j] = grad[j] + acc[j] (fp32 arithmetic, one rounding to the dtype); returns its square.
+template <typename scalar_t>
+inline double accumulate_one(const scalar_t* grad, scalar_t* acc, int64_t j) {
+  const scalar_t a = static_cast<scalar_t>(static_cast<float>(grad[j]) + static_cast<float>(acc[j]));
+  acc[j] = a;
+  const double ad = static_cast<float>(a);
+  return ad * ad;
+}
 
 template <typename scalar_t>
 void accumulate_norms_impl(const scalar_t* grad, scalar_t* acc, const int64_t* offsets, int64_t num_frags,
@@ -34,13 +45,16 @@ void accumulate_norms_impl(const scalar_t* grad, scalar_t* acc, const int64_t* o
       int64_t i = lo;
       while (i < hi) {
         const int64_t end = std::min(hi, offsets[f + 1]);
-        float s = 0.f;  // fp32 within a chunk piece, double across pieces
-        for (int64_t j = i; j < end; ++j) {
-          const scalar_t a = static_cast<scalar_t>(static_cast<float>(grad[j]) + static_cast<float>(acc[j]));
-          acc[j] = a;
-          const float af = static_cast<float>(a);
-          s += af * af;
-        }
+        // Squares of fp32 values are exact in double and their double sum errs far below fp32
+        // rounding, so the returned norm is within an ulp or so whatever the layout and thread
+        // count; independent lanes keep the adds off one long dependency chain.
+        double lane[kLanes] = {};
+        int64_t j = i;
+        for (; j + kLanes <= end; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) lane[l] += accumulate_one(grad, acc, j + l);
+        for (; j < end; ++j) lane[0] += accumulate_one(grad, acc, j);
+        double s = 0.0;
+        for (int l = 0; l < kLanes; ++l) s += lane[l];
         mine[f] += s;
         i = end;
         ++f;
