@@ -2,7 +2,7 @@
 
 A ResNet-50 gradient (25,557,032 values in 161 fragments, one per parameter tensor) at density
 d = 1%. Local k rule: ``k_f = max(1, int(d * size_f))``, so no fragment gets 0 and the total is
-about d * N (255,001 for ResNet-50). The torch alternatives produce the same output as the op
+about d * N (255,513 for ResNet-50). The torch alternatives produce the same output as the op
 (one int64 vector of global indices, one dense tensor, ...), so their cost is comparable.
 """
 
