@@ -319,6 +319,8 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
 # Registration as the CUDA implementation of torch.ops.deft_kernels.*
 
 _LIB = None
+# The ops whose CUDA implementation is the Triton kernel (the rest come from the C++ extension).
+REGISTERED: list[str] = []
 
 
 def register_cuda_impls() -> list[str]:
@@ -334,4 +336,5 @@ def register_cuda_impls() -> list[str]:
         _LIB = torch.library.Library("deft_kernels", "IMPL")
     for name in missing:
         _LIB.impl(name, impls[name], "CUDA")
+        REGISTERED.append(name)
     return missing
