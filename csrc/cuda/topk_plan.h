@@ -5,7 +5,7 @@
 // Terms. A *segment* is a listed fragment with 0 < k (fragments with k == 0 produce nothing).
 // Segments of at most kTile elements are *small*: one block selects a whole small segment, and
 // consecutive small segments are packed into *groups* of about kTile elements, one block per group,
-// so thousands of tiny fragments share blocks. Larger segments are cut into *tiles* of kTile
+// (and at most kGroupSegments segments), so thousands of tiny fragments share blocks. Larger segments are cut into *tiles* of kTile
 // elements, one block per tile, and cooperate through per-segment histograms in the workspace.
 #pragma once
 
@@ -20,6 +20,10 @@ constexpr int kItems = 16;              // elements per thread per chunk
 constexpr int kChunk = kThreads * kItems;
 constexpr int64_t kTile = 4 * kChunk;   // elements per block of a large segment
 constexpr int kMaxBins = 2048;          // widest radix digit (11 bits)
+// A block selects the segments of its group one after the other, each costing a few block-wide
+// synchronisations per digit whatever its size: groups of many tiny segments are capped so that
+// those chains stay short and the groups run in parallel instead.
+constexpr int64_t kGroupSegments = 16;
 // A large segment keeps the elements of its top-digit bin as candidates when they are at most
 // this share of it (or kMinCandidates); otherwise (heavy ties: zeros, a constant layer) the lower
 // digits are resolved by re-scanning the segment instead.
@@ -83,7 +87,8 @@ inline TopkPlan make_topk_plan(const int64_t* offsets, int64_t num_frags, const 
     const int64_t begin = offsets[f], end = offsets[f + 1], kf = k[f];
     if (kf > 0) {
       if (end - begin <= kTile) {
-        if (sm_begin.empty() || group_size >= kTile) {
+        const int64_t in_group = static_cast<int64_t>(sm_begin.size()) - (group_first.empty() ? 0 : group_first.back());
+        if (sm_begin.empty() || group_size >= kTile || in_group >= kGroupSegments) {
           group_first.push_back(static_cast<int64_t>(sm_begin.size()));
           group_size = 0;
         }
