@@ -4,9 +4,10 @@
 //
 // Terms. A *segment* is a listed fragment with 0 < k (fragments with k == 0 produce nothing).
 // Segments of at most kTile elements are *small*: one block selects a whole small segment, and
-// consecutive small segments are packed into *groups* of about kTile elements, one block per group,
-// (and at most kGroupSegments segments), so thousands of tiny fragments share blocks. Larger segments are cut into *tiles* of kTile
-// elements, one block per tile, and cooperate through per-segment histograms in the workspace.
+// consecutive small segments are packed into *groups* of about kTile elements (at most
+// kGroupSegments segments), one block per group, so thousands of tiny fragments share blocks.
+// Larger segments are cut into *tiles* of kTile elements, one block per tile, and cooperate
+// through per-segment histograms in the workspace.
 #pragma once
 
 #include <algorithm>
