@@ -99,6 +99,11 @@ class DeftState:
         self._mode = ""
         self._pending: list[tuple[list[int], list[int], torch.Tensor, torch.futures.Future]] = []
 
+    @property
+    def sparsifiers(self) -> dict[int, Sparsifier]:
+        """``{bucket index: Sparsifier}``, each holding that bucket's residual (empty in the warm-up)."""
+        return {index: b.sparsifier for index, b in self._buckets.items()}
+
     def compression_stats(self) -> dict[str, float]:
         """Totals over all sparse iterations of this rank: ``steps``, ``selected``, ``sent``, ``numel``,
         ``bytes_sent``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density`` (sent / numel) and

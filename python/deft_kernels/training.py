@@ -145,6 +145,11 @@ class GradientSparsifier:
             self._log.record(stats)
         return stats
 
+    @property
+    def sparsifiers(self) -> list[Sparsifier]:
+        """One ``Sparsifier`` per dtype group (in order of first appearance), each holding its residual."""
+        return [g.sparsifier for g in self._groups]
+
     def compression_stats(self) -> dict[str, float]:
         """Totals over the sparse steps of this worker (see ``deft_kernels.hook.DeftState.compression_stats``)."""
         return self._log.summary()
