@@ -129,7 +129,9 @@ def _worker(rank, world_size, port, tmp):
             # Sparse steps: the counters advanced once per iteration, every gradient is sparse.
             assert state.iter == STEPS and len(order) == 1, (state.iter, order)
             stats = state.compression_stats()
-            assert stats["steps"] == STEPS - WARMUP and 0 < stats["density"] <= 2 * DENSITY, stats
+            # Top-k's union grows with the workers (build-up); DEFT and CLT-k send about k.
+            max_density = world_size * DENSITY if name == "topk" else 1.1 * DENSITY
+            assert stats["steps"] == STEPS - WARMUP and 0 < stats["density"] <= max_density, (name, stats)
             for step_grads in grads[WARMUP:]:
                 nonzero = sum(int(g.count_nonzero()) for g in step_grads)
                 assert 0 < nonzero <= state.last_stats[0].sent, (name, nonzero, state.last_stats[0])
@@ -196,6 +198,7 @@ def _worker(rank, world_size, port, tmp):
         x, y = batches[0]
         with pytest.raises(RuntimeError, match="do not match the buckets of the loaded state"):
             F.cross_entropy(ddp(x), y).backward()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
