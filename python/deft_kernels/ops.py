@@ -65,15 +65,10 @@ def _check_indices(indices, n: int, validate: bool) -> None:
             raise ValueError(f"indices must lie in [0, {n}), got values in [{lo.item()}, {hi.item()}]")
 
 
-def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor, *,
-                     validate: bool = True) -> torch.Tensor:
-    """Error-feedback accumulation fused with per-fragment L2 norms, in one pass over the data.
+# Argument checks of each op, shared with the Triton entry points (deft_kernels.triton_ops).
 
-    ``residual`` is updated in place to ``a = grad + residual`` (fp32 arithmetic, one rounding to
-    the dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment is returned.
-    ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in place) and
-    have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
-    """
+
+def _check_accumulate_norms_args(grad, residual, offsets, validate: bool) -> None:
     _check_tensor("grad", grad, dtypes=SUPPORTED_DTYPES)
     _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
     _check_same_device("grad", grad, residual=residual, offsets=offsets)
@@ -84,24 +79,9 @@ def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.
     if not residual.is_contiguous():
         raise ValueError("residual must be contiguous (it is updated in place)")
     _check_offsets(offsets, grad.numel(), validate)
-    return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)
 
 
-def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
-                   fragments: torch.Tensor | None = None, *, index_base: int = 0,
-                   validate: bool = True) -> torch.Tensor:
-    """Partitioned top-k by magnitude with its own ``k`` per fragment, all fragments in one call.
-
-    Returns int64 indices ``index_base + i`` of the ``k[f]`` largest ``|values[i]|`` in each fragment
-    ``f`` of ``fragments`` (default: every fragment, in order), concatenated in that order and
-    ascending within a fragment: exactly ``sum(k[fragments])`` indices. Magnitude order is that of
-    ``|x|``'s bit pattern: NaN ranks above ``+inf``, ``-0`` ties ``+0``; ties go to the lower index, so
-    the result is a pure function of the input. Only the listed fragments' data is read.
-
-    ``k`` (int64, one entry per fragment, ``0 <= k[f] <= size_f``) is indexed by fragment id, so a
-    worker passes the full ``k`` and the ids of the fragments in its bin. ``index_base`` shifts
-    every returned index, for a vector that is a slice of a larger flat gradient.
-    """
+def _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate: bool) -> None:
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
     _check_same_device("values", values, offsets=offsets, k=k, fragments=fragments)
     _check_offsets(offsets, values.numel(), validate)
@@ -124,25 +104,15 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
             if lo.item() < 0 or hi.item() >= num_frags:
                 raise ValueError(f"fragments must hold fragment ids in [0, {num_frags}), "
                                  f"got values in [{lo.item()}, {hi.item()}]")
-    return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
 
 
-def sparse_pack(values: torch.Tensor, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
-    """Gather: ``values[indices]`` into a new contiguous buffer (the values to all-reduce)."""
+def _check_sparse_pack_args(values, indices, validate: bool) -> None:
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
     _check_same_device("values", values, indices=indices)
     _check_indices(indices, values.numel(), validate)
-    return torch.ops.deft_kernels.sparse_pack(values.contiguous(), indices.contiguous())
 
 
-def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, *,
-                  validate: bool = True) -> torch.Tensor:
-    """Scatter the reduced values back and clear what was sent, in one pass over the indices.
-
-    Returns a new dense tensor shaped like ``residual``: zero except ``out[indices] = values * scale``
-    (fp32 product, one rounding). ``residual[indices]`` is set to zero in place. Indices should be
-    distinct (DEFT's are by construction); with repeats, which value lands is unspecified.
-    """
+def _check_sparse_unpack_args(residual, indices, values, scale, validate: bool) -> None:
     _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
     _check_same_device("residual", residual, indices=indices, values=values)
@@ -155,6 +125,55 @@ def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.T
         raise ValueError(f"values length {values.numel()} must match indices length {indices.numel()}")
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor, *,
+                     validate: bool = True) -> torch.Tensor:
+    """Error-feedback accumulation fused with per-fragment L2 norms, in one pass over the data.
+
+    ``residual`` is updated in place to ``a = grad + residual`` (fp32 arithmetic, one rounding to
+    the dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment is returned.
+    ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in place) and
+    have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
+    """
+    _check_accumulate_norms_args(grad, residual, offsets, validate)
+    return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)
+
+
+def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+                   fragments: torch.Tensor | None = None, *, index_base: int = 0,
+                   validate: bool = True) -> torch.Tensor:
+    """Partitioned top-k by magnitude with its own ``k`` per fragment, all fragments in one call.
+
+    Returns int64 indices ``index_base + i`` of the ``k[f]`` largest ``|values[i]|`` in each fragment
+    ``f`` of ``fragments`` (default: every fragment, in order), concatenated in that order and
+    ascending within a fragment: exactly ``sum(k[fragments])`` indices. Magnitude order is that of
+    ``|x|``'s bit pattern: NaN ranks above ``+inf``, ``-0`` ties ``+0``; ties go to the lower index, so
+    the result is a pure function of the input. Only the listed fragments' data is read.
+
+    ``k`` (int64, one entry per fragment, ``0 <= k[f] <= size_f``) is indexed by fragment id, so a
+    worker passes the full ``k`` and the ids of the fragments in its bin. ``index_base`` shifts
+    every returned index, for a vector that is a slice of a larger flat gradient.
+    """
+    _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate)
+    return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
+
+
+def sparse_pack(values: torch.Tensor, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """Gather: ``values[indices]`` into a new contiguous buffer (the values to all-reduce)."""
+    _check_sparse_pack_args(values, indices, validate)
+    return torch.ops.deft_kernels.sparse_pack(values.contiguous(), indices.contiguous())
+
+
+def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, *,
+                  validate: bool = True) -> torch.Tensor:
+    """Scatter the reduced values back and clear what was sent, in one pass over the indices.
+
+    Returns a new dense tensor shaped like ``residual``: zero except ``out[indices] = values * scale``
+    (fp32 product, one rounding). ``residual[indices]`` is set to zero in place. Indices should be
+    distinct (DEFT's are by construction); with repeats, which value lands is unspecified.
+    """
+    _check_sparse_unpack_args(residual, indices, values, scale, validate)
     return torch.ops.deft_kernels.sparse_unpack(residual, indices.contiguous(), values.contiguous(), float(scale))
 
 
@@ -177,3 +196,18 @@ def _(values, indices):
 @torch.library.register_fake("deft_kernels::sparse_unpack")
 def _(residual, indices, values, scale):
     return torch.empty_like(residual)
+
+
+def _register_triton_kernels() -> None:
+    # The Triton kernels (deft_kernels.triton_ops) serve as the CUDA implementation of every op the
+    # C++ extension has no CUDA kernel for. Triton is an optional dependency: without it, CUDA
+    # tensors reach only the kernels the extension was built with.
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        from . import triton_ops
+
+        triton_ops.register_cuda_impls()
+
+
+_register_triton_kernels()

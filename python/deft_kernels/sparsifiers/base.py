@@ -12,17 +12,29 @@ single-process simulation of ``n`` workers used by the worker-count benchmark:
    (DEFT: top-k over the fragments of its bin; Top-k: over the whole vector).
 4. ``exchange``: all-gather indices, all-reduce values, unpack; the only phase that communicates.
 
+The phases ``fragment_offsets``, ``plan`` and ``select`` never communicate, so one process can
+simulate ``n`` workers by calling ``plan`` once and ``select`` for every rank (the worker-count
+benchmark does). ``step`` runs the four phases for real over ``torch.distributed``.
+
+Plans cross the wire with ``dist.broadcast_object_list``: a plan holds CPU tensors and Python
+objects only (a pickled CUDA tensor would land on the sender's device index).
+
 Selection cost of one step as the benchmark reports it (the critical path of the step's local
 work): ``max over ranks of (t_plan if rank is the leader else 0) + t_select(rank)``.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from .. import ops
 
 
 @dataclass
@@ -33,7 +45,7 @@ class StepStats:
     selected: int  # indices this worker proposed in select()
     sent: int  # size of the global index set (after union)
     numel: int  # N, length of the flat gradient
-    bytes_sent: int  # bytes this worker put on the wire (indices + values)
+    bytes_sent: int  # bytes this worker put on the wire: its int64 indices + fp32 values
     t_select: float  # plan (if leader) + select
     t_comm: float  # exchange
     t_other: float  # accumulate, unpack and the rest
@@ -53,6 +65,16 @@ class Sparsifier(ABC):
         if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
             raise ValueError(f"density must lie in (0, 1], got {density!r}")
         self.density = float(density)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the residual, the step counter and the layout (the next step starts afresh)."""
+        self.residual: torch.Tensor | None = None
+        self.step_count = 0
+        self._world_size: int | None = None
+        self._sizes: list[int] | None = None
+        self._dtype_device: tuple[torch.dtype, torch.device] | None = None
+        self._offsets: torch.Tensor | None = None
 
     def budget(self, numel: int) -> int:
         """k = int(d * N), the number of elements the step should send in total."""
@@ -72,3 +94,190 @@ class Sparsifier(ABC):
     def select(self, acc: torch.Tensor, norms: torch.Tensor, offsets: torch.Tensor, plan: Any, rank: int,
                world_size: int, step: int) -> torch.Tensor:
         """This worker's proposed indices (int64, into the flat vector ``acc``), no communication."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks with defaults, overridden by the algorithms that need them.
+
+    #: True when ``select`` proposals are all-gathered; False when the plan carries every index
+    #: (CLT-k), so workers propose nothing.
+    gathers_selection: bool = True
+
+    def always_sent(self, plan: Any, device: torch.device) -> torch.Tensor | None:
+        """Indices every worker sends whatever it selected (DEFT's common part, CLT-k's leader
+        indices), int64 on ``device``; ``None`` when there are none."""
+        return None
+
+    def observe(self, sent: int, world_size: int) -> None:
+        """Called on every worker after the exchange with the global sent count (the same on all
+        workers, so state updated from it stays in agreement). Default: nothing."""
+
+    def extra_state(self) -> dict:
+        """Algorithm state beyond the residual and the step counter, for ``state_dict``."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` returned."""
+
+    # ----------------------------------------------------------------------------------------------
+    # The distributed step, shared by every sparsifier.
+
+    def step(self, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
+             group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, StepStats]:
+        """One step on this worker: error feedback, plan, selection and exchange.
+
+        ``grad`` is this worker's local flat 1-D gradient (fp32/bf16/fp16), not divided by the world
+        size; ``sizes`` are the sizes of the parameter tensors laid end to end in it (default: one
+        tensor), from which fragments are cut at the first step. ``group`` is the process group
+        (default: the default group when ``torch.distributed`` is initialised, else a world of one
+        with no communication). Returns a new tensor like ``grad``, zero except at the global index
+        set, where it holds the mean over workers of their accumulated gradient ``a``, and the step's
+        :class:`StepStats`. The residual keeps ``a`` minus what was sent.
+        """
+        rank, world_size = _rank_and_size(group)
+        self._check_step_input(grad, sizes, world_size)
+        clock = _Clock(grad.device)
+        if self.residual is None:
+            self.residual = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            self._offsets = self.fragment_offsets(self._sizes, world_size).to(grad.device)
+        offsets = self._offsets
+        step = self.step_count
+
+        clock.mark()
+        norms = ops.accumulate_norms(grad, self.residual, offsets, validate=False)
+        acc = self.residual  # a = g + r, in place
+        clock.mark()
+        leader = step % world_size
+        plan = self.plan(acc, norms, offsets, world_size, step) if rank == leader else None
+        clock.mark()
+        if world_size > 1 and type(self).plan is not Sparsifier.plan:
+            box = [plan]
+            dist.broadcast_object_list(box, group=group, group_src=leader)
+            plan = box[0]
+        clock.mark()
+        mine = self.select(acc, norms, offsets, plan, rank, world_size, step)
+        clock.mark()
+        sent = _union(mine, self.always_sent(plan, acc.device), self.gathers_selection, group, world_size)
+        values = ops.sparse_pack(acc, sent, validate=False).float()
+        if world_size > 1 and sent.numel() > 0:
+            dist.all_reduce(values, group=group)
+        clock.mark()
+        out = ops.sparse_unpack(self.residual, sent, values.to(acc.dtype), 1.0 / world_size, validate=False)
+        self.observe(int(sent.numel()), world_size)
+        self.step_count += 1
+        clock.mark()
+
+        t_accumulate, t_plan, t_broadcast, t_select, t_exchange, t_unpack = clock.intervals()
+        own = mine.numel() if self.gathers_selection else 0
+        return out, StepStats(
+            selected=int(mine.numel()), sent=int(sent.numel()), numel=grad.numel(),
+            bytes_sent=8 * own + 4 * int(sent.numel()), t_select=t_plan + t_select,
+            t_comm=t_broadcast + t_exchange, t_other=t_accumulate + t_unpack)
+
+    def _check_step_input(self, grad, sizes, world_size: int) -> None:
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"grad must be a torch.Tensor, got {type(grad).__name__}")
+        if grad.dtype not in ops.SUPPORTED_DTYPES:
+            raise TypeError(f"grad must be a float tensor (float32, bfloat16 or float16), got {grad.dtype}")
+        if grad.dim() != 1:
+            raise ValueError(f"grad must be a flat 1-D tensor, got shape {tuple(grad.shape)}")
+        sizes = [grad.numel()] if sizes is None else [int(s) for s in sizes]
+        if any(s < 0 for s in sizes) or sum(sizes) != grad.numel():
+            raise ValueError(f"sizes must be non-negative and sum to grad.numel() = {grad.numel()}, "
+                             f"got {len(sizes)} sizes summing to {sum(sizes)}")
+        if self._world_size is None:
+            self._world_size, self._sizes = world_size, sizes
+            self._dtype_device = (grad.dtype, grad.device)
+            return
+        if world_size != self._world_size:
+            raise ValueError(f"world size changed between steps ({self._world_size} -> {world_size}); "
+                             "call reset() to start afresh")
+        if sizes != self._sizes:
+            raise ValueError("the parameter layout (sizes) changed between steps; call reset() to start afresh")
+        if self._dtype_device not in (None, (grad.dtype, grad.device)):
+            dtype, device = self._dtype_device
+            raise ValueError(f"grad is {grad.dtype} on {grad.device} but earlier steps were {dtype} on {device}; "
+                             "call reset() to start afresh")
+
+    def state_dict(self) -> dict:
+        """This worker's state: residual, step counter, world size and layout, algorithm state.
+        Every rank saves its own (residuals differ between workers)."""
+        return {"name": self.name, "density": self.density, "residual": self.residual,
+                "step_count": self.step_count, "world_size": self._world_size,
+                "sizes": None if self._sizes is None else list(self._sizes), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; the next ``step`` continues exactly."""
+        missing = {"name", "density", "residual", "step_count", "world_size", "sizes", "extra"} - set(state)
+        if missing:
+            raise KeyError(f"state is missing {sorted(missing)}")
+        if state["name"] != self.name or state["density"] != self.density:
+            raise ValueError(f"state is for {state['name']} at density {state['density']}, "
+                             f"this is {self.name} at density {self.density}")
+        self.reset()
+        residual = state["residual"]
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or residual.dim() != 1:
+                raise ValueError("state['residual'] must be a flat tensor or None")
+            if state["sizes"] is None or sum(state["sizes"]) != residual.numel():
+                raise ValueError("state['sizes'] does not match the residual's length")
+            self.residual = residual.clone().contiguous()
+            self._dtype_device = (residual.dtype, residual.device)
+        if state["sizes"] is not None:
+            self._world_size, self._sizes = int(state["world_size"]), list(state["sizes"])
+        if residual is not None:
+            self._offsets = self.fragment_offsets(self._sizes, self._world_size).to(residual.device)
+        self.step_count = int(state["step_count"])
+        self.load_extra_state(state["extra"])
+
+
+def _rank_and_size(group) -> tuple[int, int]:
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _union(mine: torch.Tensor, fixed: torch.Tensor | None, gather: bool, group, world_size: int) -> torch.Tensor:
+    """Sorted global index set: every worker's proposal plus ``fixed``. Counts are all-gathered first
+    and indices padded to the largest count; nothing is gathered when every count is zero (gloo
+    hangs on zero-length collectives)."""
+    parts = [] if fixed is None else [fixed]
+    if gather and world_size == 1:
+        parts.append(mine)
+    elif gather:
+        count = torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device)
+        counts = [torch.empty_like(count) for _ in range(world_size)]
+        dist.all_gather(counts, count, group=group)
+        counts = [int(c) for c in counts]
+        longest = max(counts)
+        if longest > 0:
+            padded = torch.zeros(longest, dtype=torch.int64, device=mine.device)
+            padded[: mine.numel()] = mine
+            gathered = [torch.empty_like(padded) for _ in range(world_size)]
+            dist.all_gather(gathered, padded, group=group)
+            parts.extend(g[:c] for g, c in zip(gathered, counts))
+    if not parts:
+        return mine.new_zeros(0)
+    return torch.unique(torch.cat(parts), sorted=True)
+
+
+class _Clock:
+    """Interval timer on the device's clock: CUDA events on GPU, ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]

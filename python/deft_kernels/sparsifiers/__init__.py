@@ -1,0 +1,23 @@
+"""Sparsifiers: DEFT and the baselines it is measured against, one class each, one interface
+(:class:`~deft_kernels.sparsifiers.base.Sparsifier`), the same error feedback.
+
+``build(name, density, **kwargs)`` makes one by its registry name (``SPARSIFIERS``).
+"""
+
+from __future__ import annotations
+
+from .base import Sparsifier, StepStats
+from .dense import Dense
+from .topk import TopK
+
+SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK)}
+
+
+def build(name: str, density: float, **kwargs) -> Sparsifier:
+    """The sparsifier registered as ``name`` (see ``SPARSIFIERS``) at the given density."""
+    if not isinstance(name, str) or name.lower() not in SPARSIFIERS:
+        raise ValueError(f"name must be one of {sorted(SPARSIFIERS)}, got {name!r}")
+    return SPARSIFIERS[name.lower()](density=density, **kwargs)
+
+
+__all__ = ["Sparsifier", "StepStats", "SPARSIFIERS", "build", *(cls.__name__ for cls in SPARSIFIERS.values())]
