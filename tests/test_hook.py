@@ -2,9 +2,9 @@
 
 A spawn costs seconds, so one spawn per world size runs every multi-process check in sequence
 (``_worker``): warm-up equals DDP without a hook, the hook equals the plain API, a checkpoint round
-trip through a rebuilt DDP model equals not stopping, pickling, and the errors. Comparisons are exact:
-both sides run the same sparsifier on the same bits (gloo's sum is deterministic for a fixed input and
-world size), so any difference is a bug, not rounding.
+trip through a rebuilt DDP model equals not stopping, pickling, and the errors. Comparisons are exact
+(both sides run the same sparsifier on the same bits, and gloo's sum is deterministic for a fixed
+input), except hook vs plain API with more than 2 ranks (see there).
 """
 
 import io
@@ -141,9 +141,13 @@ def _worker(rank, world_size, port, tmp):
             gs = GradientSparsifier([params[i] for i in order[0]], sparsifier=name, density=DENSITY,
                                     warmup_steps=WARMUP)
             plain_losses, plain_grads = _train(plain, plain, batches, _sgd(plain), sparsifier=gs)
-            _exact(plain_losses, losses, f"{name}: plain API vs hook, losses")
-            _exact(plain_grads, grads, f"{name}: plain API vs hook, gradients")
-            _exact(list(plain.parameters()), list(model.parameters()), f"{name}: plain API vs hook, parameters")
+            # Exact with 2 ranks. With more, DDP's first iteration all-reduces its provisional bucket (model
+            # order) and the plain API its flat vector (rebuilt-bucket order): gloo's ring adds the ranks'
+            # values in an order set by each element's position, so that step differs in the last bit.
+            tol = {"rtol": 0, "atol": 0} if world_size == 2 else {"rtol": 1e-5, "atol": 1e-7}
+            for what, a, b in (("losses", plain_losses, losses), ("gradients", plain_grads, grads),
+                               ("parameters", list(plain.parameters()), list(model.parameters()))):
+                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: plain API vs hook, {what}: {m}")
 
         # Checkpoint round trip through a rebuilt DDP model, several buckets (the resumed model's first
         # iteration has one provisional bucket: the state regroups it into the saved buckets).
@@ -181,10 +185,10 @@ def _worker(rank, world_size, port, tmp):
             DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP).load_state_dict(other)
         with pytest.raises(ValueError, match="density"):
             DeftState(sparsifier="deft", density=0.5, warmup_steps=WARMUP).load_state_dict(ckpt["hook"])
+        gs = GradientSparsifier(_model(), density=DENSITY)
+        saved = gs.state_dict()
+        saved["rank"] = (rank + 1) % world_size
         with pytest.raises(ValueError, match="every rank must load the file it saved"):
-            gs = GradientSparsifier(_model(), density=DENSITY)
-            saved = gs.state_dict()
-            saved["rank"] = (rank + 1) % world_size
             gs.load_state_dict(saved)
 
         # A loaded state registered on a different model: refused at its first iteration, on every rank
