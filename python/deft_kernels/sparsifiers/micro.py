@@ -1,0 +1,95 @@
+"""MiCRO: exclusive partitions and a steered threshold, no top-k at all (Yoon and Oh, HiPC 2023).
+
+The exact rule implemented here:
+
+- **Partitions.** The flat vector is cut into ``n`` contiguous, nearly equal partitions
+  (:func:`deft_kernels.planning.partition_offsets`, ignoring parameter boundaries). Worker ``rank``
+  takes partition ``p = (step + rank) % n`` and proposes the indices there with
+  ``|a| >= threshold[p]``. Partitions are exclusive, so the union has no duplicates.
+- **One threshold per partition**, held identically by every worker. The leader's plan carries them
+  to everyone (so all workers agree even after a restore). A partition whose threshold is not yet
+  positive (the first step, or a partition that was all zeros) starts at the exponential-model
+  quantile of the leader's own data there: ``mean(|a_p|) * ln(1 / d)``.
+- **Steering.** After the exchange every worker counts, in the global index set, the ``c_p`` indices
+  of each partition and moves its threshold toward the partition's share of the budget,
+  ``t_p = k * size_p / N``, by the factor ``1 + ln(c_p / t_p) / ln(size_p / t_p)``, clamped to
+  ``[1 / max_scale, max_scale]`` (``1 / max_scale`` when ``c_p`` is 0). That factor is the Newton
+  step for an exponential tail: there ``c = size * exp(-threshold / beta)`` and
+  ``threshold ~= beta * ln(size / t)``, so it lands on ``t`` in one step when the tail is exponential,
+  and it only ever multiplies the threshold up or down. The global set is the same on every worker,
+  so the thresholds stay in agreement without extra communication.
+
+At ``d = 1`` the threshold is 0 and every non-zero element is sent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import planning
+from .base import Sparsifier, indices_at_least
+
+
+class MiCRO(Sparsifier):
+    """Partitioned threshold selection with a per-partition threshold steered toward ``k / n``
+    (see the module docstring for the exact rule). ``max_scale`` (> 1) bounds the change of a
+    threshold in one step."""
+
+    name = "micro"
+
+    def __init__(self, density: float, max_scale: float = 2.0) -> None:
+        super().__init__(density)
+        if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale > 1:
+            raise ValueError(f"max_scale must be a number greater than 1, got {max_scale!r}")
+        self.max_scale = float(max_scale)
+
+    def reset(self) -> None:
+        """Forget the residual, the step counter, the layout and the thresholds."""
+        super().reset()
+        self.thresholds: list[float] | None = None
+
+    def plan(self, acc, norms, offsets, world_size, step) -> torch.Tensor:
+        bounds = planning.partition_offsets(acc.numel(), world_size).tolist()
+        current = self.thresholds or [0.0] * world_size
+        start = math.log(1.0 / self.density)
+        out = []
+        for p, th in enumerate(current):
+            if not th > 0:  # also NaN
+                part = acc[bounds[p]:bounds[p + 1]].float().abs()
+                part = part[torch.isfinite(part)]
+                th = float(part.mean()) * start if part.numel() else 0.0
+            out.append(th)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
+        bounds = planning.partition_offsets(acc.numel(), world_size)
+        p = planning.bin_of(rank, step, world_size)
+        return indices_at_least(acc, float(plan[p]), int(bounds[p]), int(bounds[p + 1]))
+
+    def observe(self, plan, sent, numel, world_size) -> None:
+        bounds = planning.partition_offsets(numel, world_size)
+        counts = torch.diff(torch.searchsorted(sent.cpu(), bounds)).tolist()
+        sizes = torch.diff(bounds).tolist()
+        k = self.budget(numel)
+        new = []
+        for th, c, size in zip(plan.tolist(), counts, sizes):
+            target = k * size / numel if numel else 0.0
+            if th > 0 and 0 < target < size:
+                factor = 1.0 + math.log(c / target) / math.log(size / target) if c > 0 else 0.0
+                th *= min(self.max_scale, max(1.0 / self.max_scale, factor))
+            new.append(th)
+        self.thresholds = new
+
+    def extra_state(self) -> dict:
+        return {"thresholds": None if self.thresholds is None else list(self.thresholds), "max_scale": self.max_scale}
+
+    def load_extra_state(self, state: dict) -> None:
+        th = state.get("thresholds")
+        if th is not None and (not isinstance(th, list) or len(th) != self._world_size
+                               or not all(isinstance(x, float) for x in th)):
+            raise ValueError(f"state['extra']['thresholds'] must be None or {self._world_size} floats, got {th!r}")
+        if state.get("max_scale") != self.max_scale:
+            raise ValueError(f"state is for max_scale {state.get('max_scale')!r}, this is {self.max_scale}")
+        self.thresholds = th
