@@ -212,6 +212,9 @@ class Sparsifier(ABC):
         if world_size != self._world_size:
             raise ValueError(f"world size changed between steps ({self._world_size} -> {world_size}); "
                              "call reset() to start afresh")
+        if grad.numel() != sum(self._sizes):
+            raise ValueError(f"grad length changed between steps ({sum(self._sizes)} -> {grad.numel()}); "
+                             "call reset() to start afresh")
         if sizes != self._sizes:
             raise ValueError("the parameter layout (sizes) changed between steps; call reset() to start afresh")
         if self._dtype_device not in (None, (grad.dtype, grad.device)):
