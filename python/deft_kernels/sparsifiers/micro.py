@@ -12,11 +12,13 @@ The exact rule implemented here:
   quantile of the leader's own data there: ``mean(|a_p|) * ln(1 / d)``.
 - **Steering.** After the exchange every worker counts, in the global index set, the ``c_p`` indices
   of each partition and moves its threshold toward the partition's share of the budget,
-  ``t_p = k * size_p / N``, by the factor ``1 + ln(c_p / t_p) / ln(size_p / t_p)``, clamped to
-  ``[1 / max_scale, max_scale]`` (``1 / max_scale`` when ``c_p`` is 0). That factor is the Newton
-  step for an exponential tail: there ``c = size * exp(-threshold / beta)`` and
-  ``threshold ~= beta * ln(size / t)``, so it lands on ``t`` in one step when the tail is exponential,
-  and it only ever multiplies the threshold up or down. The global set is the same on every worker,
+  ``t_p = k * size_p / N``, by the factor ``1 + gain * ln(c_p / t_p) / ln(size_p / t_p)``, clamped
+  to ``[1 / max_scale, max_scale]`` (``1 / max_scale`` when ``c_p`` is 0). With ``gain = 1`` that
+  factor is the Newton step for an exponential tail (there ``c = size * exp(-threshold / beta)`` and
+  ``threshold ~= beta * ln(size / t)``, so it would land on ``t`` in one step); the default
+  ``gain = 0.5`` takes half of it, because error feedback piles the unsent magnitudes up just below
+  the threshold and the full step oscillates (measured: counts swinging 40..1800 around a target of
+  200 on Laplace gradients, against 160..270 at 0.5). The global set is the same on every worker,
   so the thresholds stay in agreement without extra communication.
 
 At ``d = 1`` the threshold is 0 and every non-zero element is sent.
@@ -35,15 +37,18 @@ from .base import Sparsifier, indices_at_least
 class MiCRO(Sparsifier):
     """Partitioned threshold selection with a per-partition threshold steered toward ``k / n``
     (see the module docstring for the exact rule). ``max_scale`` (> 1) bounds the change of a
-    threshold in one step."""
+    threshold in one step; ``gain`` in ``(0, 1]`` is the fraction of the Newton step taken."""
 
     name = "micro"
 
-    def __init__(self, density: float, max_scale: float = 2.0) -> None:
+    def __init__(self, density: float, max_scale: float = 2.0, gain: float = 0.5) -> None:
         super().__init__(density)
         if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale > 1:
             raise ValueError(f"max_scale must be a number greater than 1, got {max_scale!r}")
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain <= 1:
+            raise ValueError(f"gain must lie in (0, 1], got {gain!r}")
         self.max_scale = float(max_scale)
+        self.gain = float(gain)
 
     def reset(self) -> None:
         """Forget the residual, the step counter, the layout and the thresholds."""
@@ -77,19 +82,21 @@ class MiCRO(Sparsifier):
         for th, c, size in zip(plan.tolist(), counts, sizes):
             target = k * size / numel if numel else 0.0
             if th > 0 and 0 < target < size:
-                factor = 1.0 + math.log(c / target) / math.log(size / target) if c > 0 else 0.0
+                factor = 1.0 + self.gain * math.log(c / target) / math.log(size / target) if c > 0 else 0.0
                 th *= min(self.max_scale, max(1.0 / self.max_scale, factor))
             new.append(th)
         self.thresholds = new
 
     def extra_state(self) -> dict:
-        return {"thresholds": None if self.thresholds is None else list(self.thresholds), "max_scale": self.max_scale}
+        return {"thresholds": None if self.thresholds is None else list(self.thresholds),
+                "max_scale": self.max_scale, "gain": self.gain}
 
     def load_extra_state(self, state: dict) -> None:
         th = state.get("thresholds")
         if th is not None and (not isinstance(th, list) or len(th) != self._world_size
                                or not all(isinstance(x, float) for x in th)):
             raise ValueError(f"state['extra']['thresholds'] must be None or {self._world_size} floats, got {th!r}")
-        if state.get("max_scale") != self.max_scale:
-            raise ValueError(f"state is for max_scale {state.get('max_scale')!r}, this is {self.max_scale}")
+        if (state.get("max_scale"), state.get("gain")) != (self.max_scale, self.gain):
+            raise ValueError(f"state is for max_scale={state.get('max_scale')!r}, gain={state.get('gain')!r}; "
+                             f"this is max_scale={self.max_scale}, gain={self.gain}")
         self.thresholds = th
