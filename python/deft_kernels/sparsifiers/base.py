@@ -7,7 +7,7 @@ single-process simulation of ``n`` workers used by the worker-count benchmark:
 1. ``accumulate``: ``a = g + r`` and the fragment norms (``ops.accumulate_norms``), local.
 2. ``plan``: work the leader (``step % world_size``) does alone and broadcasts, so that all workers
    agree (DEFT: local k and bin packing from the leader's norms; CLT-k: the leader's top-k indices;
-   MiCRO: partition and threshold). Returns ``None`` for algorithms that need no agreement.
+   MiCRO: the per-partition thresholds). Returns ``None`` for algorithms that need no agreement.
 3. ``select``: this worker's own selection given the agreed plan, local, no communication
    (DEFT: top-k over the fragments of its bin; Top-k: over the whole vector).
 4. ``exchange``: all-gather indices, all-reduce values, unpack; the only phase that communicates.
@@ -70,8 +70,9 @@ class StepStats:
 
 
 class Sparsifier(ABC):
-    """Base class. Subclasses implement ``fragment_offsets``, ``plan`` (optional) and ``select``;
-    the distributed ``step`` and the error feedback are shared."""
+    """Base class. Subclasses implement ``select`` and, where they need them, ``fragment_offsets``
+    (default: one fragment per tensor), ``plan``, ``always_sent`` and ``observe``; the distributed
+    ``step`` and the error feedback are shared."""
 
     name: str = "base"
     kernels: Any = FAST_KERNELS
