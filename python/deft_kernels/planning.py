@@ -13,6 +13,8 @@ The terms of ``DEFT_SPEC.md``:
   cost model, largest cost first (ties: lower fragment id), each into the lightest bin (ties: the
   lowest bin id), i.e. LPT.
 - **rotation** (step 6): worker ``rank`` takes bin ``(step + rank) % n``.
+- **partitions** (MiCRO, not DEFT): ``n`` contiguous, nearly equal slices of the flat vector,
+  ignoring parameter boundaries; rotated like bins.
 
 Everything here runs on CPU tensors and Python numbers; plans are small (one entry per fragment).
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["fragment_sizes", "fragment_offsets", "local_k", "COST_MODELS", "cost_size_log_k", "cost_size",
+__all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,6 +70,17 @@ def fragment_offsets(sizes: Sequence[int], world_size: int) -> torch.Tensor:
     out = torch.zeros(len(frag) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(frag, dtype=torch.int64).cumsum(0) if frag else out[1:]
     return out
+
+
+def partition_offsets(numel: int, world_size: int) -> torch.Tensor:
+    """int64 offsets (length ``world_size + 1``) of ``world_size`` contiguous slices of a flat
+    vector of ``numel`` elements whose sizes differ by at most one (larger ones first)."""
+    n = _check_world_size(world_size)
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    q, r = divmod(numel, n)
+    sizes = torch.tensor([q + 1 if p < r else q for p in range(n)], dtype=torch.int64)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
 
 
 def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:

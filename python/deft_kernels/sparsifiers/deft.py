@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops, planning
+from .. import planning
 from .base import Sparsifier
 
 
@@ -42,7 +42,7 @@ class DEFT(Sparsifier):
         frags = plan.bins[planning.bin_of(rank, step, world_size)].to(acc.device)
         if frags.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=acc.device)
-        return ops.segmented_topk(acc, offsets, plan.k.to(acc.device), frags, validate=False)
+        return self.kernels.segmented_topk(acc, offsets, plan.k.to(acc.device), frags)
 
     def always_sent(self, plan, device) -> torch.Tensor | None:
         return plan.common_indices().to(device) if plan.common.numel() else None
