@@ -33,6 +33,7 @@ work): ``max over ranks of (t_plan if rank is the leader else 0) + t_select(rank
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 import types
 from abc import ABC, abstractmethod
@@ -151,7 +152,14 @@ class Sparsifier(ABC):
         :class:`StepStats`. The residual keeps ``a`` minus what was sent.
         """
         rank, world_size = _rank_and_size(group, grad)
+        first = self.residual is None
         offsets = self._begin(grad, sizes, world_size)
+        if first and world_size > 1:
+            try:
+                self._check_same_setup(grad, group, world_size)
+            except ValueError:
+                self.reset()  # the next step starts afresh (and checks again)
+                raise
         clock = _Clock(grad.device)
         step = self.step_count
 
@@ -194,6 +202,24 @@ class Sparsifier(ABC):
             self.residual = torch.zeros_like(grad, memory_format=torch.contiguous_format)
             self._offsets = self.fragment_offsets(self._sizes, world_size).to(grad.device)
         return self._offsets
+
+    def _check_same_setup(self, grad, group, world_size: int) -> None:
+        """First step only: all-gather a digest of (name, density, sizes, dtype) and raise on every
+        rank if the ranks disagree. Without it, ranks whose layouts differ but whose lengths agree
+        exchange values of different parameters silently (the leader's plan names fragments by
+        id), and differing lengths fail only later with an index error on one rank. One all-gather
+        of two int64 per rank, once."""
+        setup = repr((self.name, self.density, list(self._sizes), str(grad.dtype)))
+        key = int.from_bytes(hashlib.sha256(setup.encode()).digest()[:7], "little")
+        mine = torch.tensor([grad.numel(), key], dtype=torch.int64, device=grad.device)
+        every = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(every, mine, group=group)
+        every = [tuple(int(v) for v in t.tolist()) for t in every]
+        if any(e != every[0] for e in every):
+            lengths = [e[0] for e in every]
+            raise ValueError("ranks disagree on the step's setup (sparsifier, density, parameter sizes or grad "
+                             f"dtype) at the first step: grad lengths per rank {lengths}, setup digests "
+                             f"{[hex(e[1]) for e in every]}; every rank must pass the same layout")
 
     def _check_step_input(self, grad, sizes, world_size: int) -> None:
         if not isinstance(grad, torch.Tensor):
