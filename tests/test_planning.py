@@ -88,6 +88,20 @@ def test_rotation_visits_every_bin_in_n_steps(n):
         assert sorted(planning.bin_of(r, t, n) for r in range(n)) == list(range(n))
 
 
+def test_plan_rotation_helpers_hand_worked():
+    # sizes 100 each, k = 12 by norms 8, 4, 2, 2 -> k = 6, 3, 1, 2 (f2 then f3: int(3*2/4)=1, int(2*2/2)=2).
+    plan = planning.make_plan(torch.tensor([8.0, 4.0, 2.0, 2.0]), torch.tensor([100] * 4), 12, 2, "size")
+    assert plan.k.tolist() == [6, 3, 1, 2] and plan.world_size == 2
+    # equal costs (size): LPT by id, f0->b0, f1->b1, f2->b0, f3->b1
+    assert [b.tolist() for b in plan.bins] == [[0, 2], [1, 3]]
+    assert plan.bin_of(0, 0) == 0 and plan.bin_of(1, 0) == 1 and plan.bin_of(0, 1) == 1 and plan.bin_of(1, 3) == 0
+    assert plan.fragments_of(0, 1).tolist() == [1, 3] and plan.fragments_of(1, 1).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="rank must lie in"):
+        plan.bin_of(2, 0)
+    with pytest.raises(ValueError, match="step must be non-negative"):
+        plan.fragments_of(0, -1)
+
+
 @pytest.mark.parametrize("n", [2, 5])
 def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed, n):
     gen = torch.Generator().manual_seed(seed)

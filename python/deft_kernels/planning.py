@@ -181,6 +181,19 @@ class DeftPlan:
     common: torch.Tensor  # fragment ids of the common part
     costs: torch.Tensor  # float64 model cost per fragment
 
+    @property
+    def world_size(self) -> int:
+        """The number of workers (bins) the plan was made for."""
+        return len(self.bins)
+
+    def bin_of(self, rank: int, step: int) -> int:
+        """The bin worker ``rank`` selects in at ``step`` (rotation, :func:`bin_of`)."""
+        return bin_of(rank, step, self.world_size)
+
+    def fragments_of(self, rank: int, step: int) -> torch.Tensor:
+        """The fragment ids (ascending, int64, CPU) worker ``rank`` selects in at ``step``."""
+        return self.bins[self.bin_of(rank, step)]
+
     def bin_costs(self) -> list[float]:
         """Model cost of each bin."""
         return [float(self.costs[b].sum()) for b in self.bins]
