@@ -126,6 +126,8 @@ def bad_input_checks(rank: int) -> dict:
     longer = torch.cat([g, g[:7]]) if rank == 0 else g
     errors["length-across-ranks"] = error_of(lambda: TopK(0.1).step(longer))
     errors["density-across-ranks"] = error_of(lambda: TopK(0.1 if rank else 0.2).step(g, sizes=SIZES))
+    odd = g.to(torch.int32) if rank == 0 else g  # rejected on rank 0 only: the others must not hang
+    errors["non-float-on-one-rank"] = error_of(lambda: TopK(0.1).step(odd, sizes=SIZES))
     fresh.step(g, sizes=SIZES)  # agreeing ranks go on normally with the same instance
     errors["agreeing-after-reset"] = fresh.step_count == 1
     dist.barrier()
@@ -279,6 +281,8 @@ def test_bad_input_raises_on_every_rank_with_a_clear_message(world):
         for key in ("layout-across-ranks", "length-across-ranks", "density-across-ranks"):
             assert errors[key].startswith("ValueError: ranks disagree on the step's setup"), (r, key, errors[key])
         assert f"grad lengths per rank {lengths}" in errors["length-across-ranks"], (r, errors["length-across-ranks"])
+        expect_one = "TypeError: grad must be a float tensor" if r == 0 else "ValueError: rank(s) [0] rejected their input"
+        assert errors["non-float-on-one-rank"].startswith(expect_one), (r, errors["non-float-on-one-rank"])
         assert errors["reset-after-disagreement"] is True and errors["agreeing-after-reset"] is True, r
 
 
