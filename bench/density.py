@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -99,8 +100,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         for n in args.workers:
             rows += run(n, args, out_dir)
+    print("command: python " + " ".join(sys.argv))
     print(f"ResNet-50 layout x {args.scale} ({rows[0]['numel']:,} values), requested density {args.density:.2%}, "
           f"correlation {args.correlation}, {args.steps} steps; measured global density per step")
+    print(f"t_select ms: rank 0's mean plan + selection time per step, one thread per rank on a machine with "
+          f"{os.cpu_count()} cores (more ranks than cores oversubscribe): indicative only, not a scaling measurement")
     print(f"{'sparsifier':<10} {'n':>3} {'mean':>8} {'min':>8} {'max':>8} {'last':>8} {'x requested':>12} "
           f"{'t_select ms':>12}")
     for row in rows:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deft_kernels.simulate import simulate
-from deft_kernels.sparsifiers import DEFT, TopK, build
+from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, TopK, build
 
 SEED = 1234
 STEPS = 4
@@ -114,6 +114,22 @@ def bad_input_checks(rank: int) -> dict:
     }
     if rank == 0:
         errors["world-size"] = error_of(lambda: s.step(g, sizes=SIZES, group=alone))
+    dist.barrier()
+    # Ranks that disagree at the first step: same length, tensors in another order on the last rank
+    # (without the check DEFT would silently mix parameters), then different lengths. Every rank
+    # must raise, and the instance must start afresh afterwards.
+    world = dist.get_world_size()
+    permuted = SIZES[::-1] if rank == world - 1 else SIZES
+    fresh = DEFT(0.02)
+    errors["layout-across-ranks"] = error_of(lambda: fresh.step(g, sizes=permuted))
+    errors["reset-after-disagreement"] = fresh.residual is None and fresh.step_count == 0
+    longer = torch.cat([g, g[:7]]) if rank == 0 else g
+    errors["length-across-ranks"] = error_of(lambda: TopK(0.1).step(longer))
+    errors["density-across-ranks"] = error_of(lambda: TopK(0.1 if rank else 0.2).step(g, sizes=SIZES))
+    odd = g.to(torch.int32) if rank == 0 else g  # rejected on rank 0 only: the others must not hang
+    errors["non-float-on-one-rank"] = error_of(lambda: TopK(0.1).step(odd, sizes=SIZES))
+    fresh.step(g, sizes=SIZES)  # agreeing ranks go on normally with the same instance
+    errors["agreeing-after-reset"] = fresh.step_count == 1
     dist.barrier()
     return errors
 
@@ -259,6 +275,21 @@ def test_bad_input_raises_on_every_rank_with_a_clear_message(world):
         for key, pattern in expect.items():
             assert re.search(pattern, res["errors"][key]), (r, key, res["errors"][key])
     assert re.search(f"world size changed between steps \\({n} -> 1\\)", ranks[0]["errors"]["world-size"])
+    lengths = str([sum(SIZES) + 7] + [sum(SIZES)] * (n - 1))
+    for r, res in enumerate(ranks):
+        errors = res["errors"]
+        for key in ("layout-across-ranks", "length-across-ranks", "density-across-ranks"):
+            assert errors[key].startswith("ValueError: ranks disagree on the step's setup"), (r, key, errors[key])
+        assert f"grad lengths per rank {lengths}" in errors["length-across-ranks"], (r, errors["length-across-ranks"])
+        expect_one = "TypeError: grad must be a float tensor" if r == 0 else "ValueError: rank(s) [0] rejected their input"
+        assert errors["non-float-on-one-rank"].startswith(expect_one), (r, errors["non-float-on-one-rank"])
+        assert errors["reset-after-disagreement"] is True and errors["agreeing-after-reset"] is True, r
+
+
+def test_every_registered_sparsifier_is_covered():
+    """A sparsifier registered later (another branch) must get a configuration here, or this fails."""
+    assert set(SPARSIFIERS) <= {name for name, *_ in CONFIGS.values()}, sorted(set(SPARSIFIERS) - {
+        name for name, *_ in CONFIGS.values()})
 
 
 @pytest.mark.slow

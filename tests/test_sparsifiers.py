@@ -41,6 +41,20 @@ def test_step_on_the_kernels_equals_the_simulation_on_the_reference(seed, name, 
             assert torch.equal(sim.accumulated[0], s.residual + torch.where(kept, 0, sim.accumulated[0]).to(dtype))
 
 
+def test_simulate_takes_a_fresh_instance_and_leaves_it_untouched(seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[torch.randn(sum(SIZES), generator=gen) for _ in range(3)] for _ in range(2)]
+    mine = DEFT(0.02, cost_model="size")
+    by_instance = simulate(mine, grads=grads, sizes=SIZES)
+    by_name = simulate("deft", 0.02, grads, sizes=SIZES, cost_model="size")
+    for a, b in zip(by_instance, by_name):
+        assert torch.equal(a.sent, b.sent) and all(torch.equal(x, y) for x, y in zip(a.outputs, b.outputs))
+    assert mine.residual is None and mine.step_count == 0 and mine.kernels is not simulate.__globals__["reference"]
+    mine.step(grads[0][0], sizes=SIZES)
+    with pytest.raises(ValueError, match="sparsifier must be a fresh instance"):
+        simulate(mine, grads=grads, sizes=SIZES)
+
+
 def test_cltk_on_one_worker_is_top_k_and_sends_exactly_k(seed):
     g = torch.randn(5000, generator=torch.Generator().manual_seed(seed))
     a, sa = CLTK(0.01).step(g)
@@ -102,6 +116,10 @@ def test_sidco_stage_count_and_degenerate_input():
     ("world_size must be a positive int", lambda: planning.partition_offsets(10, 0)),
     ("grads must be a non-empty sequence", lambda: simulate("topk", 0.1, [])),
     ("same number of steps", lambda: simulate("topk", 0.1, [[torch.ones(4)], []])),
+    ("density must be given with a registry name", lambda: simulate("topk", grads=[[torch.ones(4)]])),
+    ("sparsifier must be a registry name or a Sparsifier", lambda: simulate(TopK, 0.1, [[torch.ones(4)]])),
+    ("density must be None or the instance's", lambda: simulate(TopK(0.1), 0.2, [[torch.ones(4)]])),
+    ("kwargs go to build", lambda: simulate(DEFT(0.1), grads=[[torch.ones(4)]], cost_model="size")),
 ])
 def test_bad_arguments_name_the_argument(match, call):
     with pytest.raises((TypeError, ValueError), match=match):

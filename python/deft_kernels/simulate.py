@@ -16,6 +16,7 @@ error feedback, the agreement, the exchange and the averaging.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from . import reference
-from .sparsifiers import Dense, build
+from .sparsifiers import Dense, Sparsifier, build
 
 
 @dataclass
@@ -38,19 +39,37 @@ class SimStep:
     plan: Any  # the leader's plan (None when the algorithm has none)
 
 
-def simulate(name: str, density: float, grads: Sequence[Sequence[torch.Tensor]], *,
-             sizes: Sequence[int] | None = None, **kwargs) -> list[SimStep]:
-    """Run the sparsifier registered as ``name`` for ``n = len(grads)`` workers, one step per entry
-    of ``grads[rank]`` (every rank the same number of steps; flat 1-D float tensors of one length
-    and dtype). ``sizes`` and ``kwargs`` are as for ``step`` and ``build``. Returns one
-    :class:`SimStep` per step."""
+def simulate(sparsifier: str | Sparsifier, density: float | None = None,
+             grads: Sequence[Sequence[torch.Tensor]] | None = None, *, sizes: Sequence[int] | None = None,
+             **kwargs) -> list[SimStep]:
+    """Run a sparsifier for ``n = len(grads)`` workers, one step per entry of ``grads[rank]`` (every
+    rank the same number of steps; flat 1-D float tensors of one length and dtype).
+
+    ``sparsifier`` is a registry name (then ``density`` and ``kwargs`` go to ``build``) or a fresh
+    :class:`Sparsifier` instance (never stepped; then ``density`` is ``None`` or the instance's and
+    no ``kwargs``), copied once per rank. ``sizes`` is as for ``step``. The given instance is left
+    untouched. Returns one :class:`SimStep` per step."""
+    if isinstance(sparsifier, Sparsifier):
+        if density is not None and density != sparsifier.density:
+            raise ValueError(f"density must be None or the instance's ({sparsifier.density}), got {density!r}")
+        if kwargs:
+            raise TypeError(f"kwargs go to build() with a registry name, not with an instance: {sorted(kwargs)}")
+        if sparsifier.residual is not None or sparsifier.step_count:
+            raise ValueError("sparsifier must be a fresh instance (never stepped); call reset() first")
+        make = lambda: copy.deepcopy(sparsifier)  # noqa: E731
+    elif isinstance(sparsifier, str):
+        if density is None:
+            raise TypeError("density must be given with a registry name")
+        make = lambda: build(sparsifier, density, **kwargs)  # noqa: E731
+    else:
+        raise TypeError(f"sparsifier must be a registry name or a Sparsifier instance, got {type(sparsifier).__name__}")
     if not isinstance(grads, Sequence) or len(grads) == 0:
         raise ValueError("grads must be a non-empty sequence with one list of step gradients per rank")
     steps = {len(g) for g in grads}
     if len(steps) != 1:
         raise ValueError(f"grads must hold the same number of steps for every rank, got {sorted(steps)}")
     n = len(grads)
-    workers = [build(name, density, **kwargs) for _ in range(n)]
+    workers = [make() for _ in range(n)]
     for w in workers:
         w.kernels = reference
     return [_one_step(workers, [g[t] for g in grads], sizes) for t in range(steps.pop())]

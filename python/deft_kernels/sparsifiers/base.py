@@ -33,6 +33,7 @@ work): ``max over ranks of (t_plan if rank is the leader else 0) + t_select(rank
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 import types
 from abc import ABC, abstractmethod
@@ -151,6 +152,8 @@ class Sparsifier(ABC):
         :class:`StepStats`. The residual keeps ``a`` minus what was sent.
         """
         rank, world_size = _rank_and_size(group, grad)
+        if self.residual is None and world_size > 1:
+            self._agree_on_setup(grad, sizes, group, world_size)
         offsets = self._begin(grad, sizes, world_size)
         clock = _Clock(grad.device)
         step = self.step_count
@@ -194,6 +197,42 @@ class Sparsifier(ABC):
             self.residual = torch.zeros_like(grad, memory_format=torch.contiguous_format)
             self._offsets = self.fragment_offsets(self._sizes, world_size).to(grad.device)
         return self._offsets
+
+    def _agree_on_setup(self, grad, sizes, group, world_size: int) -> None:
+        """First step only, before anything else communicates: every rank checks its own input,
+        then all-gather (input valid, grad length, digest of name, density, sizes and dtype); if any
+        rank rejected its input or the ranks disagree, every rank raises (and the instance resets,
+        so a corrected call starts afresh). Without it, a rank whose input is rejected leaves the
+        others waiting in the next collective until the process group's timeout, ranks whose
+        layouts differ but whose lengths agree exchange values of different parameters silently
+        (the leader's plan names fragments by id), and differing lengths fail later with an index
+        error on one rank. One all-gather of three int64 per rank, once."""
+        try:
+            self._check_step_input(grad, sizes, world_size)
+            error = None
+            setup = repr((self.name, self.density, list(self._sizes), str(grad.dtype)))
+            key = int.from_bytes(hashlib.sha256(setup.encode()).digest()[:7], "little")
+            mine = [1, grad.numel(), key]
+        except (TypeError, ValueError) as e:
+            error, mine = e, [0, -1, 0]
+        device = grad.device if isinstance(grad, torch.Tensor) else torch.device("cpu")
+        mine = torch.tensor(mine, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(every, mine, group=group)
+        every = [tuple(int(v) for v in t.tolist()) for t in every]
+        rejected = [r for r, e in enumerate(every) if e[0] == 0]
+        if error is not None or rejected or any(e != every[0] for e in every):
+            self.reset()
+        if error is not None:
+            raise error
+        if rejected:
+            raise ValueError(f"rank(s) {rejected} rejected their input at the first step (see their error); "
+                             "every rank stops")
+        if any(e != every[0] for e in every):
+            lengths = [e[1] for e in every]
+            raise ValueError("ranks disagree on the step's setup (sparsifier, density, parameter sizes or grad "
+                             f"dtype) at the first step: grad lengths per rank {lengths}, setup digests "
+                             f"{[hex(e[2]) for e in every]}; every rank must pass the same layout")
 
     def _check_step_input(self, grad, sizes, world_size: int) -> None:
         if not isinstance(grad, torch.Tensor):
