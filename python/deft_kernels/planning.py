@@ -102,9 +102,10 @@ def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Ten
     if bool((norms64[finite] < 0).any()):
         raise ValueError("norms must be non-negative")
     size_list = sizes.tolist()
-    k = [size_list[f] if not ok else 0 for f, ok in enumerate(finite.tolist())]
+    finite_list = finite.tolist()  # Python lists from here: a tensor index per fragment costs microseconds
+    k = [size_list[f] if not ok else 0 for f, ok in enumerate(finite_list)]
     norms64 = torch.where(finite, norms64, torch.zeros_like(norms64))
-    order = [f for f in torch.sort(-norms64, stable=True).indices.tolist() if finite[f]]  # descending
+    order = [f for f in torch.sort(-norms64, stable=True).indices.tolist() if finite_list[f]]  # descending
     norm_list = norms64.tolist()
     remaining_k, remaining_norm = max(0, k_total - sum(k)), float(norms64.sum())
     for f in order:
@@ -156,9 +157,9 @@ def pack_bins(costs: torch.Tensor, world_size: int, candidates: torch.Tensor) ->
         raise ValueError("costs must be finite")
     if not isinstance(candidates, torch.Tensor) or candidates.dtype != torch.int64 or candidates.dim() != 1:
         raise TypeError("candidates must be a 1-D int64 tensor of fragment ids")
-    cand = candidates.tolist()
-    if any(not 0 <= f < costs.numel() for f in cand) or len(set(cand)) != len(cand):
-        raise ValueError(f"candidates must be distinct fragment ids in [0, {costs.numel()})")
+    cand, num_frags = candidates.tolist(), costs.numel()
+    if (cand and not (0 <= min(cand) and max(cand) < num_frags)) or len(set(cand)) != len(cand):
+        raise ValueError(f"candidates must be distinct fragment ids in [0, {num_frags})")
     cost = costs.double().tolist()
     cand.sort(key=lambda f: (-cost[f], f))
     heap = [(0.0, b) for b in range(n)]
