@@ -161,3 +161,20 @@ def test_console_script_is_declared():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "deft-bench"]
     assert ep.value == "deft_kernels.bench:main"
+
+
+def test_micro_benchmarks_run_from_bench_not_from_tests():
+    """`pytest bench/` runs the op micro-benchmarks in one command; the default run (`pytest`,
+    `pytest tests`) never collects them."""
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ini = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["testpaths"] == ["tests"]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q"], cwd=root,
+                               capture_output=True, text=True, timeout=120)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "bench/test_bench_ops.py::test_segmented_topk_deft[cpu]" in collected.stdout
+    assert "bench/test_bench_ops.py::test_segmented_topk_deft[cuda]" in collected.stdout  # skipped without CUDA
