@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 from .base import Sparsifier, StepStats
+from .deft import DEFT
 from .dense import Dense
 from .topk import TopK
 
-SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK)}
+SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK, DEFT)}
 
 
 def build(name: str, density: float, **kwargs) -> Sparsifier:

@@ -1,0 +1,199 @@
+"""Host-side planning of a DEFT step: pure functions of sizes and norms, no communication.
+
+The terms of ``DEFT_SPEC.md``:
+
+- **fragments** (step 2): parameters in order; a tensor with more than ``N / n`` elements is cut
+  into ``n`` contiguous fragments whose sizes differ by at most one, a smaller tensor is one
+  fragment. Fixed at the first step.
+- **local k by norm** (step 4): the budget ``k = int(d * N)`` shared out in proportion to fragment
+  norms, visiting fragments by descending norm (equal norms: lower fragment id first), each share
+  clamped to ``[1, size_f]``.
+- **common part** (step 5): fragments with ``k_f == size_f``, sent whole by everyone, no selection.
+- **bins** (step 5): the other fragments with ``k_f > 0``, packed greedily into ``n`` bins by a
+  cost model, largest cost first (ties: lower fragment id), each into the lightest bin (ties: the
+  lowest bin id), i.e. LPT.
+- **rotation** (step 6): worker ``rank`` takes bin ``(step + rank) % n``.
+
+Everything here runs on CPU tensors and Python numbers; plans are small (one entry per fragment).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["fragment_sizes", "fragment_offsets", "local_k", "COST_MODELS", "cost_size_log_k", "cost_size",
+           "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
+
+CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_sizes(sizes: Sequence[int]) -> list[int]:
+    try:
+        out = [int(s) for s in sizes]
+    except (TypeError, ValueError):
+        raise TypeError(f"sizes must be a sequence of ints, got {sizes!r}") from None
+    if any(s < 0 for s in out):
+        raise ValueError(f"sizes must be non-negative, got {min(out)}")
+    return out
+
+
+def _check_world_size(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"world_size must be a positive int, got {n!r}")
+    return n
+
+
+def fragment_sizes(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Fragment sizes for ``world_size`` workers (spec step 2), in parameter order."""
+    sizes = _check_sizes(sizes)
+    n = _check_world_size(world_size)
+    total = sum(sizes)
+    out: list[int] = []
+    for s in sizes:
+        if s * n > total and n > 1:  # s > N / n, without rounding
+            q, r = divmod(s, n)
+            out.extend(q + 1 if i < r else q for i in range(n))
+        else:
+            out.append(s)
+    return out
+
+
+def fragment_offsets(sizes: Sequence[int], world_size: int) -> torch.Tensor:
+    """int64 offsets (length F + 1) of :func:`fragment_sizes` over the flat vector."""
+    frag = fragment_sizes(sizes, world_size)
+    out = torch.zeros(len(frag) + 1, dtype=torch.int64)
+    out[1:] = torch.tensor(frag, dtype=torch.int64).cumsum(0) if frag else out[1:]
+    return out
+
+
+def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Per-fragment k (int64, CPU) sharing ``k_total`` by norm, exactly as the spec's step 4.
+
+    ``norms`` (float) and ``sizes`` (int) have one entry per fragment. NaN policy (the ops' policy
+    carried to the plan): a fragment whose norm is NaN or inf is sent whole (``k_f = size_f``), so
+    the non-finite values reach the averaged gradient where the user's check sees them; the rest of
+    the budget is shared among the finite fragments as usual. Raising instead would stop only the
+    leader and leave the other workers waiting in the broadcast."""
+    if not isinstance(norms, torch.Tensor) or not norms.is_floating_point() or norms.dim() != 1:
+        raise TypeError("norms must be a 1-D float tensor")
+    if not isinstance(sizes, torch.Tensor) or sizes.dtype != torch.int64 or sizes.shape != norms.shape:
+        raise TypeError(f"sizes must be an int64 tensor shaped like norms {tuple(norms.shape)}")
+    if not isinstance(k_total, int) or k_total < 0:
+        raise ValueError(f"k_total must be a non-negative int, got {k_total!r}")
+    norms64 = norms.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(norms64)
+    if bool((norms64[finite] < 0).any()):
+        raise ValueError("norms must be non-negative")
+    size_list = sizes.tolist()
+    k = [size_list[f] if not ok else 0 for f, ok in enumerate(finite.tolist())]
+    norms64 = torch.where(finite, norms64, torch.zeros_like(norms64))
+    order = [f for f in torch.sort(-norms64, stable=True).indices.tolist() if finite[f]]  # descending
+    norm_list = norms64.tolist()
+    remaining_k, remaining_norm = max(0, k_total - sum(k)), float(norms64.sum())
+    for f in order:
+        share = int(remaining_k * norm_list[f] / remaining_norm) if remaining_norm > 0 else 0
+        k_f = size_list[f] if share > size_list[f] else max(1, share)
+        k_f = min(k_f, size_list[f])  # an empty fragment gets nothing
+        k[f] = k_f
+        remaining_k -= k_f
+        remaining_norm -= norm_list[f]
+    return torch.tensor(k, dtype=torch.int64)
+
+
+def cost_size_log_k(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The spec's cost: ``size * log2(k)`` when ``k > 1``, else ``size`` (a top-k over the fragment)."""
+    s, kk = sizes.double(), k.double()
+    return torch.where(kk > 1, s * torch.log2(kk.clamp(min=1)), s)
+
+
+def cost_size(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Linear cost: the size (a radix select reads each element a bounded number of times)."""
+    return sizes.double()
+
+
+COST_MODELS: dict[str, CostModel] = {"size_log_k": cost_size_log_k, "size": cost_size}
+
+
+def common_fragments(k: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Ids of the common part: fragments with ``k_f == size_f`` (and non-empty), sent whole."""
+    return torch.nonzero((k == sizes) & (sizes > 0)).flatten()
+
+
+def pack_bins(costs: torch.Tensor, world_size: int, candidates: torch.Tensor) -> list[torch.Tensor]:
+    """LPT: the ``candidates`` (fragment ids) by descending cost (ties: lower id) each into the
+    lightest of ``world_size`` bins (ties: lowest bin id). Returns the bins' fragment ids, sorted."""
+    n = _check_world_size(world_size)
+    cand = candidates.tolist()
+    cost = costs.double().tolist()
+    cand.sort(key=lambda f: (-cost[f], f))
+    heap = [(0.0, b) for b in range(n)]
+    bins: list[list[int]] = [[] for _ in range(n)]
+    for f in cand:
+        load, b = heapq.heappop(heap)
+        bins[b].append(f)
+        heapq.heappush(heap, (load + cost[f], b))
+    return [torch.tensor(sorted(b), dtype=torch.int64) for b in bins]
+
+
+def bin_of(rank: int, step: int, world_size: int) -> int:
+    """Rotation: the bin worker ``rank`` selects in at ``step``."""
+    n = _check_world_size(world_size)
+    if not 0 <= rank < n:
+        raise ValueError(f"rank must lie in [0, {n}), got {rank}")
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    return (step + rank) % n
+
+
+def imbalance(loads: Sequence[float]) -> float:
+    """Max over mean of per-bin loads (1.0 is perfect balance; 1.0 for all-zero loads)."""
+    loads = [float(x) for x in loads]
+    if not loads:
+        raise ValueError("loads must not be empty")
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+@dataclass
+class DeftPlan:
+    """What all workers of a step agree on (built by the leader, broadcast): CPU tensors only."""
+
+    sizes: torch.Tensor  # int64 per fragment
+    k: torch.Tensor  # int64 per fragment
+    bins: list[torch.Tensor]  # world_size tensors of fragment ids, ascending
+    common: torch.Tensor  # fragment ids of the common part
+    costs: torch.Tensor  # float64 model cost per fragment
+
+    def bin_costs(self) -> list[float]:
+        """Model cost of each bin."""
+        return [float(self.costs[b].sum()) for b in self.bins]
+
+    def common_indices(self) -> torch.Tensor:
+        """Every flat index of the common part, ascending (int64, CPU)."""
+        offsets = torch.cat([self.sizes.new_zeros(1), self.sizes.cumsum(0)])
+        lo, lengths = offsets[self.common], self.sizes[self.common]
+        starts = torch.repeat_interleave(lo - lengths.cumsum(0) + lengths, lengths)
+        return starts + torch.arange(int(lengths.sum()), dtype=torch.int64)
+
+    @property
+    def sent_count(self) -> int:
+        """Size of the global index set this plan yields: ``sum(k)``."""
+        return int(self.k.sum())
+
+
+def make_plan(norms: torch.Tensor, sizes: torch.Tensor, k_total: int, world_size: int,
+              cost_model: str | CostModel = "size_log_k") -> DeftPlan:
+    """Local k by norm, the common part and LPT bins (spec steps 4 and 5)."""
+    model = COST_MODELS.get(cost_model) if isinstance(cost_model, str) else cost_model
+    if model is None or not callable(model):
+        raise ValueError(f"cost_model must be one of {sorted(COST_MODELS)} or a callable, got {cost_model!r}")
+    sizes = sizes.to("cpu", torch.int64)
+    k = local_k(norms, sizes, k_total)
+    common = common_fragments(k, sizes)
+    costs = model(sizes, k).double()
+    selectable = torch.nonzero((k > 0) & (k < sizes)).flatten()
+    return DeftPlan(sizes=sizes, k=k, bins=pack_bins(costs, world_size, selectable), common=common, costs=costs)

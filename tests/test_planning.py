@@ -1,0 +1,121 @@
+"""Host-side planning against hand-worked cases and the spec's rules (DEFT_SPEC.md steps 2-6)."""
+
+import pytest
+import torch
+
+from deft_kernels import layouts, planning
+from deft_kernels.sparsifiers import DEFT
+
+
+def test_fragments_cut_only_tensors_larger_than_n_th_of_the_total():
+    # N = 20, n = 2: 11 > 10 is cut into 6 + 5; 5 and 4 stay whole.
+    assert planning.fragment_sizes([11, 5, 4], 2) == [6, 5, 5, 4]
+    # n = 3: threshold 20/3; 11 -> 4,4,3; 5 and 4 stay.
+    assert planning.fragment_sizes([11, 5, 4], 3) == [4, 4, 3, 5, 4]
+    assert planning.fragment_sizes([10, 10], 2) == [10, 10]  # exactly N/n is not "more than"
+    assert planning.fragment_sizes([7], 1) == [7]
+    assert planning.fragment_offsets([11, 5, 4], 2).tolist() == [0, 6, 11, 16, 20]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 16, 32])
+def test_fragments_of_resnet50_cover_the_vector_and_differ_by_at_most_one(n):
+    sizes = [s for _, s in layouts.resnet50_layout()]
+    frag = planning.fragment_sizes(sizes, n)
+    assert sum(frag) == sum(sizes)
+    pos = 0
+    for s in sizes:  # each tensor's fragments are contiguous and nearly equal
+        parts = [s] if s * n <= sum(sizes) or n == 1 else frag[pos:pos + n]
+        assert sum(parts) == s and max(parts) - min(parts) <= 1
+        pos += len(parts)
+    assert pos == len(frag)
+
+
+def test_local_k_hand_worked():
+    # k = 10, norms 4, 3, 1 (sum 8), sizes 100 each:
+    # f0: int(10*4/8)=5; left 5 and 4. f1: int(5*3/4)=3; left 2 and 1. f2: int(2*1/1)=2.
+    k = planning.local_k(torch.tensor([4.0, 3.0, 1.0]), torch.tensor([100, 100, 100]), 10)
+    assert k.tolist() == [5, 3, 2]
+    # Clamps: a share above the size becomes the size; a zero share becomes 1.
+    k = planning.local_k(torch.tensor([1.0, 9.0, 0.0]), torch.tensor([50, 3, 50]), 20)
+    # f1 (norm 9): int(20*9/10)=18 > 3 -> 3; left 17, 1. f0: int(17*1/1)=17; left 0, 0. f2: 0 -> max(1, 0) = 1.
+    assert k.tolist() == [17, 3, 1]
+    # Equal norms: lower fragment id first. k = 5 over 3 equal: int(5/3)=1, int(4/2)=2, int(2/1)=2.
+    assert planning.local_k(torch.ones(3), torch.tensor([9, 9, 9]), 5).tolist() == [1, 2, 2]
+
+
+def test_local_k_sends_non_finite_fragments_whole():
+    k = planning.local_k(torch.tensor([1.0, float("nan"), float("inf"), 1.0]), torch.tensor([10, 4, 3, 10]), 9)
+    assert k.tolist() == [1, 4, 3, 1]  # 9 - 7 = 2 left for the finite ones: int(2/2)=1, int(1/1)=1
+
+
+def test_local_k_sums_to_the_budget_when_the_clamps_allow(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1000, 5000, (50,), generator=gen)
+    norms = torch.rand(50, generator=gen) + 0.1
+    k = planning.local_k(norms, sizes, 2000)
+    assert int(k.sum()) == 2000 and bool((k >= 1).all()) and bool((k <= sizes).all())
+
+
+def test_lpt_hand_worked():
+    # costs 7 5 4 3 3 into 2 bins: 7->b0, 5->b1, 4->b1 (9), 3->b0 (10), 3->b1 (12)
+    bins = planning.pack_bins(torch.tensor([3.0, 7.0, 4.0, 5.0, 3.0]), 2, torch.arange(5))
+    assert [b.tolist() for b in bins] == [[0, 1], [2, 3, 4]]
+    assert planning.imbalance([10, 12]) == pytest.approx(12 / 11)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32])
+@pytest.mark.parametrize("cost_model", sorted(planning.COST_MODELS))
+def test_plan_rules(seed, n, cost_model):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.cat([torch.randint(1, 20, (40,), generator=gen), torch.randint(1000, 100000, (60,), generator=gen)])
+    norms = torch.rand(100, generator=gen)
+    plan = planning.make_plan(norms, sizes, int(0.01 * int(sizes.sum())), n, cost_model)
+    assert len(plan.bins) == n
+    binned = torch.cat(plan.bins).tolist()
+    assert len(binned) == len(set(binned))  # bins disjoint
+    selectable = {f for f in range(100) if 0 < plan.k[f] < sizes[f]}
+    assert set(binned) == selectable  # every non-common fragment in exactly one bin
+    assert set(plan.common.tolist()) == {f for f in range(100) if plan.k[f] == sizes[f]}
+    common = plan.common_indices()
+    assert common.numel() == int(sizes[plan.common].sum()) and common.unique().numel() == common.numel()
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_rotation_visits_every_bin_in_n_steps(n):
+    for rank in range(n):
+        assert sorted(planning.bin_of(rank, t, n) for t in range(n)) == list(range(n))
+    for t in range(n):  # and at each step the workers hold distinct bins
+        assert sorted(planning.bin_of(r, t, n) for r in range(n)) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [3000, 10, 500, 2, 8000, 40]
+    acc = torch.randn(sum(sizes), generator=gen)
+    d = DEFT(0.02)
+    offsets = d.fragment_offsets(sizes, n)
+    norms = torch.stack([acc[lo:hi].norm() for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    for step in range(n):
+        plan = d.plan(acc, norms, offsets, n, step)
+        picked = [d.select(acc, norms, offsets, plan, r, n, step) for r in range(n)]
+        common = d.always_sent(plan, acc.device)
+        allidx = torch.cat(picked + ([common] if common is not None else []))
+        assert allidx.unique().numel() == allidx.numel() == int(plan.k.sum())
+
+
+@pytest.mark.parametrize("match, call", [
+    ("world_size must be a positive int", lambda: planning.fragment_sizes([4], 0)),
+    ("sizes must be non-negative", lambda: planning.fragment_sizes([4, -1], 2)),
+    ("sizes must be a sequence of ints", lambda: planning.fragment_sizes(["a"], 2)),
+    ("norms must be a 1-D float", lambda: planning.local_k(torch.tensor([1, 2]), torch.tensor([1, 2]), 1)),
+    ("sizes must be an int64 tensor", lambda: planning.local_k(torch.ones(2), torch.tensor([1]), 1)),
+    ("k_total must be a non-negative int", lambda: planning.local_k(torch.ones(1), torch.tensor([1]), -1)),
+    ("cost_model must be one of", lambda: planning.make_plan(torch.ones(1), torch.tensor([4]), 1, 1, "nope")),
+    ("cost_model must be one of", lambda: DEFT(0.1, cost_model="nope")),
+    ("rank must lie in", lambda: planning.bin_of(3, 0, 2)),
+    ("loads must not be empty", lambda: planning.imbalance([])),
+])
+def test_bad_input_names_the_argument(match, call):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()
