@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, models, ops, sparsifiers
+from . import __version__, models, ops, planning, sparsifiers
 
 DEFAULT_WORKERS = (1, 2, 4, 8, 16, 32)
 #: Sparsifiers that select nothing have no selection time to measure.
@@ -213,18 +213,12 @@ def _timed(device: torch.device, fn, *args) -> tuple[float, Any]:
 def planned_total(plan: Any) -> int | None:
     """The number of elements a plan commits the step to send (DEFT: its local k summed over all
     fragments, common part included); ``None`` for plans that do not fix it."""
-    k = getattr(plan, "k", None)
-    return int(k.sum()) if isinstance(k, torch.Tensor) else None
+    return plan.sent_count if isinstance(plan, planning.DeftPlan) else None
 
 
 def model_imbalance(plan: Any) -> float | None:
-    """Max / mean bin cost of a bin-packing plan under its cost model; ``None`` for other plans."""
-    costs = getattr(plan, "bin_costs", None)
-    if costs is None:
-        return None
-    costs = [float(c) for c in costs]
-    mean = sum(costs) / len(costs) if costs else 0.0
-    return max(costs) / mean if mean > 0 else 1.0
+    """Max / mean bin cost of a DEFT plan under its packing cost model; ``None`` for other plans."""
+    return planning.imbalance(plan.bin_costs()) if isinstance(plan, planning.DeftPlan) else None
 
 
 def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, repeats: int,
@@ -262,11 +256,10 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
         sp.observe(int(sent.numel()), n)
         if step >= warmup:
             critical = [t + (t_plan if rank == leader else 0.0) for rank, t in enumerate(t_ranks)]
-            mean_rank = sum(t_ranks) / n
             steps.append({
                 "step": step, "leader": leader, "t_plan": t_plan, "t_ranks": t_ranks, "t_select": max(critical),
                 "selected": counts, "sent": int(sent.numel()), "planned": planned_total(plan),
-                "imbalance_measured": max(t_ranks) / mean_rank if mean_rank > 0 else 1.0,
+                "imbalance_measured": planning.imbalance(t_ranks),
                 "imbalance_model": model_imbalance(plan)})
         if progress is not None:
             progress.update(1)
@@ -349,7 +342,7 @@ def format_table(results: list[dict], config: dict) -> str:
 
     def block(title, fmt, key, extra=()):
         lines = [title, head]
-        for name in names:
+        for name in (nm for nm in names if any(by.get((nm, n), {}).get(key) is not None for n in ns)):
             cells = [by.get((name, n)) for n in ns]
             lines.append(f"{name:<22}" + "".join(f"{fmt(c[key]) if c and c[key] is not None else '-':>{width}}"
                                                  for c in cells))
@@ -368,6 +361,8 @@ def format_table(results: list[dict], config: dict) -> str:
             f"{by[('deft', n)]['t_select_ms'] / (t1 / n) if ('deft', n) in by else float('nan'):>{width}.2f}" for n in ns))
     out.append(block("\nselection time per worker, ms (critical path: plan on the leader + slowest rank's select)",
                      lambda v: f"{v:.2f}", "t_select_ms", extra))
+    out.append(block("\nplan time on the leader, ms (part of the critical path above)", lambda v: f"{v:.2f}",
+                     "t_plan_ms"))
     out.append(block("\nsent density, % of N (union of all workers' selections)", lambda v: f"{100 * v:.4f}", "density"))
     out.append(block("\nselected per worker (mean over ranks)", lambda v: f"{v:,.0f}", "selected_per_worker_mean"))
     out.append(block("\nbin imbalance, measured select time max/mean over ranks", lambda v: f"{v:.2f}",
