@@ -2,7 +2,7 @@
 baseline, on this machine and a real model's gradients (the DEFT paper's headline measurement).
 
     deft-bench [--model resnet50] [--workers 1 2 4 8 16 32] [--sparsifiers all] [--density 0.01]
-               [--repeats 5] [--device cpu] [--out bench/results] [--seed 0] [--threads T]
+               [--repeats 5] [--device cpu] [--out bench/results] [--seed 0] [--threads 1]
     python -m deft_kernels.bench ...   (the same)
 
 What it does:
@@ -21,7 +21,10 @@ What it does:
 
    - **selection time**: the step's critical path of local selection work,
      ``max over ranks of (t_plan if rank is the leader) + t_select(rank)``. Each rank is timed alone
-     with ``--threads`` threads, i.e. as if every worker had this machine's cores to itself.
+     with ``--threads`` threads (default 1: one core per worker, as in a real run of one process
+     per core; ``--threads $(nproc)`` gives each simulated worker the whole machine). One thread
+     also keeps the figures steady on a shared machine, where an OpenMP team loses whole time
+     slices whenever another process takes one of its cores.
    - **selected per worker**: the count each rank proposed (mean and max over ranks).
    - **sent density**: size of the global index set / N (the build-up of Top-k shows here, up to
      ``P`` distinct workers' data), with DEFT's planned total (its local k summed) next to it.
@@ -115,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device the selection runs on (cpu, cuda, cuda:1, ...)")
     p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png results")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and batches")
-    p.add_argument("--threads", type=_positive_int, default=torch.get_num_threads(),
-                   help="CPU threads of one simulated worker (torch.set_num_threads)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="CPU threads of one simulated worker (torch.set_num_threads); 1 = a core per worker")
     p.add_argument("--distinct-gradients", type=_positive_int, default=4,
                    help="real gradients from distinct batches; worker r holds gradient r mod this "
                         "(memory: 2 x this x N floats)")
