@@ -5,11 +5,15 @@ Layers, data flowing one way (each module's docstring explains its terms):
 - ``deft_kernels.ops``: validated entry points to the three kernel ops (registered as
   ``torch.ops.deft_kernels.*``; C++/OpenMP on CPU, CUDA/Triton on GPU);
   ``deft_kernels.reference`` holds their plain-PyTorch oracle.
+- Integrations: ``deft_kernels.hook`` (``DeftState`` + ``deft_hook``, a DDP communication hook) and
+  ``deft_kernels.training`` (``GradientSparsifier``, for training loops without DDP).
 """
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 from . import ops, reference  # noqa: F401
 from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack  # noqa: F401
+from .hook import DeftState, deft_hook  # noqa: F401
+from .training import GradientSparsifier  # noqa: F401
 
 __version__ = "0.1.0"

@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 from .base import Sparsifier, StepStats
+from .cltk import CLTK
 from .deft import DEFT
 from .dense import Dense
+from .micro import MiCRO
+from .sidco import SIDCo
+from .threshold import HardThreshold
 from .topk import TopK
 
-SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK, DEFT)}
+SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK, CLTK, HardThreshold, SIDCo, MiCRO, DEFT)}
 
 
 def build(name: str, density: float, **kwargs) -> Sparsifier:

@@ -1,0 +1,266 @@
+"""DDP communication hook: gradient sparsification (DEFT or a baseline) in place of DDP's all-reduce.
+
+One line turns it on, in the style of PyTorch's PowerSGD hook::
+
+    model.register_comm_hook(DeftState(sparsifier="deft", density=0.01), deft_hook)
+
+What the hook does with each DDP bucket at iteration ``state.iter``:
+
+1. **Warm-up** (``iter < warmup_steps``): dense all-reduce of the bucket, averaged over the workers,
+   exactly what DDP does without a hook. No residual is kept.
+2. **Sparse steps**: the bucket's own sparsifier (one per ``bucket.index()``, with its own
+   error-feedback residual; fragments are cut from the bucket's parameter sizes) runs
+   ``Sparsifier.step`` on the bucket's local flat gradient. The result, zero except at the indices
+   sent by some worker where it holds their mean, replaces the bucket. ``Sparsifier.step`` runs
+   blocking collectives, so the hook computes synchronously and returns a completed future: there is
+   no overlap with the rest of the backward pass, and nothing ever waits inside a ``Future.then``
+   callback (which deadlocks on gloo).
+3. The iteration counter advances after the last bucket (``bucket.is_last()``).
+
+**Why a warm-up of at least one step.** DDP buckets its parameters twice: in a new DDP model's first
+iteration every parameter sits in one provisional bucket (in ``model.parameters()`` order); at the
+second forward DDP rebuilds the buckets from the order in which gradients became ready, and keeps
+them. A residual and fragments keyed by ``bucket.index()`` only mean something on the rebuilt
+buckets, so the first iteration must not create them. (PowerSGD asks for 2 warm-up steps for the same
+reason; here a layout check catches any later change: the hook raises instead of mixing residuals.)
+
+**Checkpoints.** ``state_dict()`` holds this rank's residual for every bucket and the counters; each
+rank saves its own file and loads it back (a file from another rank is refused). A resumed run builds
+a new DDP model, whose first iteration has the provisional layout again; the state recognises it (its
+parameters are new to the state) and, past the warm-up, regroups that iteration's gradients into the
+saved buckets (matching parameters by their position in that first iteration, which is the same in
+every new DDP model of the same module), so that resuming gives the same parameters as not stopping.
+A state serves one DDP model: register a loaded state on a freshly built model, before its first
+iteration.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
+                           check_sparsifier_spec, make_sparsifier, world)
+from .sparsifiers.base import Sparsifier, StepStats
+
+__all__ = ["DeftState", "deft_hook"]
+
+
+@dataclass
+class _BucketState:
+    """One rebuilt DDP bucket: its sparsifier and the layout that sparsifier was built for."""
+
+    sparsifier: Sparsifier
+    positions: tuple[int, ...]  # each parameter's position in the DDP model's first iteration
+    sizes: tuple[int, ...]  # numel of each parameter, in bucket order
+
+
+class DeftState:
+    """Everything the hook keeps between steps: one sparsifier and residual per DDP bucket, the
+    iteration counter and the statistics.
+
+    Args:
+        process_group: group to communicate in; ``None``: the default group.
+        sparsifier: a name from ``deft_kernels.sparsifiers.SPARSIFIERS`` ("deft", "topk", "cltk",
+            "threshold", "sidco", "micro", "dense") or a factory ``f(density, **sparsifier_kwargs)``
+            returning a ``Sparsifier`` (a ``Sparsifier`` subclass is one).
+        density: fraction of each bucket's elements sent per step, in (0, 1].
+        warmup_steps: dense (averaged all-reduce) iterations before sparsification starts, >= 1
+            (see the module docstring for why).
+        **sparsifier_kwargs: passed to the sparsifier (e.g. ``threshold=`` for "threshold").
+
+    Attributes:
+        iter: iterations completed (warm-up included).
+        last_stats: ``{bucket index: StepStats}`` of the latest sparse iteration (empty before one).
+    """
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, sparsifier: SparsifierSpec = "deft",
+                 density: float = 0.01, warmup_steps: int = 10, **sparsifier_kwargs: Any) -> None:
+        check_group("process_group", process_group)
+        self.process_group = process_group
+        self.sparsifier = check_sparsifier_spec(sparsifier)
+        self.density = check_density(density)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
+        self.sparsifier_kwargs = dict(sparsifier_kwargs)
+        make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)  # fail now on bad kwargs
+        self.iter = 0
+        self.last_stats: dict[int, StepStats] = {}
+        self._buckets: dict[int, _BucketState] = {}
+        self._log = CompressionLog()
+        self._reset_model()
+
+    def _reset_model(self) -> None:
+        """Forget the DDP model: the next hook call starts a new model's first iteration."""
+        self._positions: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> position
+        self._iteration_started = False
+        self._new_model = False
+        self._mode = ""
+        self._pending: list[tuple[list[int], list[int], torch.Tensor, torch.futures.Future]] = []
+
+    @property
+    def sparsifiers(self) -> dict[int, Sparsifier]:
+        """``{bucket index: Sparsifier}``, each holding that bucket's residual (empty in the warm-up)."""
+        return {index: b.sparsifier for index, b in self._buckets.items()}
+
+    def compression_stats(self) -> dict[str, float]:
+        """Totals over all sparse iterations of this rank: ``steps``, ``selected``, ``sent``, ``numel``,
+        ``bytes_sent``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density`` (sent / numel) and
+        ``compress_rate`` (numel / sent)."""
+        return self._log.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's residuals (one per bucket), layouts and counters; save one file per rank."""
+        rank, n = world(self.process_group)
+        return {
+            "iter": self.iter, "rank": rank, "world_size": n, "density": self.density,
+            "buckets": {index: {"positions": list(b.positions), "sizes": list(b.sizes),
+                                "sparsifier": b.sparsifier.state_dict()}
+                        for index, b in self._buckets.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict()`` returned on this same rank; then register the state on a
+        newly built DDP model."""
+        if not isinstance(state_dict, dict) or not {"iter", "rank", "world_size", "buckets"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict returned by DeftState.state_dict()")
+        check_checkpoint(state_dict, self.process_group, self.density)
+        self._restore(state_dict)
+
+    def _restore(self, state_dict: dict[str, Any]) -> None:
+        buckets = {}
+        for index, saved in state_dict["buckets"].items():
+            sp = make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)
+            sp.load_state_dict(saved["sparsifier"])
+            buckets[int(index)] = _BucketState(sp, tuple(saved["positions"]), tuple(saved["sizes"]))
+        self._buckets = buckets
+        self.iter = int(state_dict["iter"])
+        self.last_stats = {}
+        self._reset_model()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the process group (it becomes the default group, as in PowerSGD's state) and
+        without the link to the DDP model."""
+        keep = ("sparsifier", "density", "warmup_steps", "sparsifier_kwargs", "_log")
+        return {"config": {k: self.__dict__[k] for k in keep}, "state": self.state_dict()}
+
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        self.__dict__.update(pickled["config"])
+        self.process_group = None
+        self._restore(pickled["state"])
+
+    # ---- what the hook calls ----
+
+    def _begin_bucket(self, bucket: dist.GradBucket) -> None:
+        """On the iteration's first bucket, decide how the whole iteration runs: "dense" (warm-up, or
+        a new model's first iteration with nothing to carry over), "regroup" (a new model's first
+        iteration with residuals to carry over) or "sparse"."""
+        params = bucket.parameters()
+        if not self._iteration_started:
+            self._iteration_started = True
+            new_model = any(p not in self._positions for p in params)
+            if new_model:
+                self._positions = WeakIdKeyDictionary()
+            self._new_model = new_model
+            if self.iter < self.warmup_steps:
+                self._mode = "dense"
+            elif new_model:
+                self._mode = "regroup" if self._buckets else "dense"
+            else:
+                self._mode = "sparse"
+        if self._new_model:
+            for p in params:
+                self._positions[p] = len(self._positions)
+
+    def _layout(self, bucket: dist.GradBucket) -> tuple[list[int], list[int]]:
+        try:
+            positions = [self._positions[p] for p in bucket.parameters()]
+        except KeyError:
+            raise RuntimeError(f"bucket {bucket.index()} holds parameters this DeftState has not seen in its DDP "
+                               "model's first iteration: a state serves one DDP model; build a new state, or "
+                               "load_state_dict into one, for a new model") from None
+        return positions, [g.numel() for g in bucket.gradients()]
+
+    def _sparse_bucket(self, bucket: dist.GradBucket) -> torch.Tensor:
+        positions, sizes = self._layout(bucket)
+        index = bucket.index()
+        b = self._buckets.get(index)
+        if b is None:
+            b = self._buckets[index] = _BucketState(
+                make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs), tuple(positions), tuple(sizes))
+        elif b.positions != tuple(positions):
+            raise RuntimeError(f"DDP bucket {index} changed its parameters after sparsification began; its residual "
+                               "no longer lines up with the gradient (were the buckets rebuilt again?)")
+        out, stats = b.sparsifier.step(bucket.buffer(), sizes=sizes, group=self.process_group)
+        self.last_stats[index] = stats
+        return out
+
+    def _regroup(self) -> None:
+        """Last bucket of a resumed model's first iteration: gather the parameters of each saved bucket
+        from the provisional buckets, step each saved bucket's sparsifier, scatter the results back and
+        complete every provisional bucket's future."""
+        grads, numels = {}, {}
+        for positions, sizes, buffer, _ in self._pending:
+            for pos, size, g in zip(positions, sizes, buffer.split(sizes)):
+                grads[pos], numels[pos] = g, size
+        saved = {pos: size for b in self._buckets.values() for pos, size in zip(b.positions, b.sizes)}
+        if saved != numels:
+            raise RuntimeError("the DDP model's parameters do not match the buckets of the loaded state "
+                               f"({len(numels)} parameters, {sum(numels.values())} elements; the state has "
+                               f"{len(saved)} parameters, {sum(saved.values())} elements)")
+        outs = {}
+        for index in sorted(self._buckets):
+            b = self._buckets[index]
+            out, self.last_stats[index] = b.sparsifier.step(
+                torch.cat([grads[pos] for pos in b.positions]), sizes=list(b.sizes), group=self.process_group)
+            outs.update(zip(b.positions, out.split(list(b.sizes))))
+        for positions, _, buffer, fut in self._pending:
+            fut.set_result(torch.cat([outs[pos] for pos in positions]).view_as(buffer))
+
+    def _end_iteration(self) -> None:
+        if self._mode in ("sparse", "regroup"):
+            self._log.record(list(self.last_stats.values()))
+        self.iter += 1
+        self._iteration_started = False
+        self._pending = []
+
+
+def _completed(tensor: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(tensor)
+    return fut
+
+
+def deft_hook(state: DeftState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: averaged dense all-reduce during the warm-up, then the state's
+    sparsifier per bucket (see the module docstring). Register with
+    ``model.register_comm_hook(state, deft_hook)``.
+
+    Returns a future holding a tensor shaped like ``bucket.buffer()``: the mean over workers, dense in
+    the warm-up, sparse after it.
+    """
+    if not isinstance(state, DeftState):
+        raise TypeError(f"state must be a DeftState, got {type(state).__name__}")
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(f"bucket must be a torch.distributed.GradBucket, got {type(bucket).__name__}")
+    buffer = bucket.buffer()
+    if not buffer.is_floating_point():
+        raise TypeError(f"bucket.buffer() must hold floating-point gradients, got {buffer.dtype}")
+    state._begin_bucket(bucket)
+    try:
+        if state._mode == "dense":
+            _, n = world(state.process_group)
+            fut = dist.all_reduce(buffer.div_(n), group=state.process_group, async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+        if state._mode == "sparse":
+            return _completed(state._sparse_bucket(bucket))
+        positions, sizes = state._layout(bucket)
+        fut = torch.futures.Future()
+        state._pending.append((positions, sizes, buffer, fut))
+        if bucket.is_last():
+            state._regroup()
+        return fut
+    finally:
+        if bucket.is_last():
+            state._end_iteration()
