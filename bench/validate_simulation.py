@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 def rank_main(rank: int, world_size: int, port: int, shard_dir: str, shards: int, names: list[str],
-              density: float, warmup: int, repeats: int, threads: int) -> None:
+              density: float, warmup: int, repeats: int, threads: int, threshold: float) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
@@ -58,7 +58,7 @@ def rank_main(rank: int, world_size: int, port: int, shard_dir: str, shards: int
         grad, sizes = saved["grad"], saved["sizes"]
         records = {}
         for name in names:
-            sp = sparsifiers.build(name, density)
+            sp = sparsifiers.build(name, density, **bench.sparsifier_options(name, threshold))
             steps = []
             for step in range(warmup + repeats):
                 dist.barrier()  # ranks start each step together, as after a synchronous backward
@@ -72,11 +72,11 @@ def rank_main(rank: int, world_size: int, port: int, shard_dir: str, shards: int
 
 
 def run_real(world_size: int, shard_dir: str, shards: int, names: list[str], density: float, warmup: int,
-             repeats: int, threads: int, timeout: float) -> list[dict]:
+             repeats: int, threads: int, threshold: float, timeout: float) -> list[dict]:
     """Spawns the ranks, waits at most ``timeout`` seconds, kills them past it; returns each rank's
     records."""
     ctx = mp.start_processes(rank_main, args=(world_size, free_port(), shard_dir, shards, names, density, warmup,
-                                              repeats, threads), nprocs=world_size, join=False)
+                                              repeats, threads, threshold), nprocs=world_size, join=False)
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cores = len(os.sched_getaffinity(0))
     work = bench.make_workload(args.model, args.distinct_gradients, seed=0, device="cpu")
+    threshold = bench.calibrated_threshold(work.grads[0], args.density)  # as deft-bench calibrates it
     rows, lines = [], []
     header = (f"model {args.model}: N = {work.numel:,}, d = {args.density:g}, {args.threads} thread(s) per rank, "
               f"{cores} cores, {args.distinct_gradients} distinct gradients, median of {args.repeats} steps "
@@ -154,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             factor = args.time_factor * oversubscribed
             start = time.perf_counter()
             real = run_real(n, tmp, len(work.grads), names, args.density, args.warmup, args.repeats, args.threads,
-                            args.timeout)
+                            threshold, args.timeout)
             print(f"n = {n}: real run {time.perf_counter() - start:.1f} s"
                   + (f" (ranks share cores: {oversubscribed:.1f}x oversubscribed, factor {factor:.2f})"
                      if oversubscribed > 1 else ""))
             for name in names:
-                sim = bench.simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats)
+                sim = bench.simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
+                                     options=bench.sparsifier_options(name, threshold))
                 rows.append(compare(name, n, sim, real, factor))
     lines.append(header)
     lines.append(f"\n{'sparsifier':<16}{'n':>3}{'real ms':>10}{'sim ms':>10}{'real/sim':>10}{'allowed':>9}"

@@ -67,7 +67,6 @@ def test_topk_density_is_k_alone_and_grows_with_distinct_workers(cli_run):
     assert topk[2]["selected_per_worker_mean"] == budget
 
 
-@pytest.mark.skipif("deft" not in sparsifiers.SPARSIFIERS, reason="DEFT not merged yet")
 def test_deft_sent_density_is_its_planned_total(cli_run):
     _, doc = cli_run
     deft = [r for r in doc["results"] if r["sparsifier"] == "deft"]
@@ -78,23 +77,37 @@ def test_deft_sent_density_is_its_planned_total(cli_run):
         assert r["density"] == r["sent"] / doc["config"]["numel"]
         assert r["imbalance_model"] is not None
         assert doc["summary"]["by_workers"][str(r["workers"])]["sent_equals_planned"]
+        assert r["planned"] == r["budget"]  # the spec's local k hands out exactly k = int(d * N)
+    assert doc["summary"]["density_exact"] and doc["summary"]["density_is_requested"]
 
 
-@pytest.mark.parametrize("name", ["topk"])
+@pytest.mark.parametrize("name", bench.benchable())
 def test_simulation_of_one_worker_is_the_real_step(name):
-    """n = 1 needs no communication: the simulation must send exactly what Sparsifier.step sends."""
-    torch.manual_seed(0)
+    """n = 1 needs no communication: the simulation must send exactly what Sparsifier.step sends,
+    step after step (the error feedback included)."""
     work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
-    sim = bench.simulate(name, 0.01, work, 1, warmup=0, repeats=3)
-    sp = sparsifiers.build(name, 0.01)
+    options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
+    sim = bench.simulate(name, 0.01, work, 1, warmup=0, repeats=3, options=options)
+    sp = sparsifiers.build(name, 0.01, **options)
     real = [sp.step(work.grads[0], sizes=work.sizes)[1] for _ in range(3)]
     assert [s["sent"] for s in sim["steps"]] == [st.sent for st in real]
     assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
 
 
+def test_threshold_is_calibrated_to_k_and_recorded(cli_run):
+    g = torch.randn(10_000)
+    lam = bench.calibrated_threshold(g, 0.01)
+    assert int((g.abs() >= lam).sum()) == 100  # k = int(d * N), no ties in random floats
+    _, doc = cli_run
+    assert doc["config"]["threshold_calibrated"] and doc["config"]["threshold"] > 0
+    with pytest.raises(ValueError, match="needs a threshold"):
+        bench.sparsifier_options("threshold", None)
+    assert bench.sparsifier_options("topk", None) == {}
+
+
 def test_summary_against_made_up_timings():
     def row(n, ms, sent=100, planned=100):
-        return {"sparsifier": "deft", "workers": n, "t_select_ms": ms, "density": sent / 10_000,
+        return {"sparsifier": "deft", "workers": n, "t_select_ms": ms, "density": sent / 10_000, "budget": 100,
                 "steps": [{"sent": sent, "planned": planned}]}
 
     s = bench.summarize([row(1, 8.0), row(2, 4.4), row(4, 2.6), row(32, 1.0)])
@@ -103,6 +116,8 @@ def test_summary_against_made_up_timings():
     assert not s["scaling_target_met"]  # n = 4 is 1.3x its ideal; n = 32 is past the target's range
     assert bench.summarize([row(1, 8.0), row(2, 4.4), row(32, 1.0)])["scaling_target_met"]
     assert not bench.summarize([row(1, 8.0), row(2, 4.0, sent=101)])["density_exact"]
+    off_budget = bench.summarize([row(1, 8.0), row(2, 4.0, sent=101, planned=101)])
+    assert off_budget["density_exact"] and not off_budget["density_is_requested"]
     assert bench.summarize([{**row(2, 1.0), "sparsifier": "topk"}]) == {}
 
 
@@ -123,6 +138,8 @@ def test_summary_against_made_up_timings():
     (["--device", "meta"], "--device must be cpu or cuda"),
     (["--model", "resnet51"], "--model must be one of"),
     (["--seed", "x"], "--seed: invalid int value"),
+    (["--threshold", "0"], "--threshold: expected a positive number"),
+    (["--threshold", "nan"], "--threshold: expected a positive number"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -2,7 +2,7 @@
 baseline, on this machine and a real model's gradients (the DEFT paper's headline measurement).
 
     deft-bench [--model resnet50] [--workers 1 2 4 8 16 32] [--sparsifiers all] [--density 0.01]
-               [--repeats 5] [--device cpu] [--out bench/results] [--seed 0] [--threads 1]
+               [--repeats 3] [--device cpu] [--out bench/results] [--seed 0] [--threads 1]
     python -m deft_kernels.bench ...   (the same)
 
 What it does:
@@ -103,6 +103,16 @@ def _density(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deft-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -113,18 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsifiers", nargs="+", default=["all"],
                    help=f"sparsifiers to measure, or 'all' ({', '.join(benchable())})")
     p.add_argument("--density", type=_density, default=0.01, help="requested density d (k = int(d * N))")
-    p.add_argument("--repeats", type=_positive_int, default=5, help="measured steps per (sparsifier, n); medians reported")
-    p.add_argument("--warmup", type=_non_negative_int, default=2, help="unmeasured steps first per (sparsifier, n)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="measured steps per (sparsifier, n); medians reported")
+    p.add_argument("--warmup", type=_non_negative_int, default=1, help="unmeasured steps first per (sparsifier, n)")
     p.add_argument("--device", default="cpu", help="device the selection runs on (cpu, cuda, cuda:1, ...)")
     p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png results")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and batches")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads of one simulated worker (torch.set_num_threads); 1 = a core per worker")
-    p.add_argument("--distinct-gradients", type=_positive_int, default=4,
+    p.add_argument("--distinct-gradients", type=_positive_int, default=8,
                    help="real gradients from distinct batches; worker r holds gradient r mod this "
                         "(memory: 2 x this x N floats)")
     p.add_argument("--train-steps", type=_non_negative_int, default=2,
                    help="SGD steps on the model before its gradients are taken")
+    p.add_argument("--threshold", type=_positive_float, default=None,
+                   help="HardThreshold's lambda (default: calibrated, the k-th largest |g| of worker 0's gradient)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -224,12 +236,30 @@ def model_imbalance(plan: Any) -> float | None:
     return planning.imbalance(plan.bin_costs()) if isinstance(plan, planning.DeftPlan) else None
 
 
+def calibrated_threshold(grad: torch.Tensor, density: float) -> float:
+    """A HardThreshold lambda for which one worker's first step would send ``k = int(d * N)``
+    elements: the k-th largest ``|g|``. Fixed afterwards, as the algorithm prescribes, so the density
+    it reaches drifts with the residual and with ``n``."""
+    k = max(1, int(density * grad.numel()))
+    return float(torch.topk(grad.abs().float(), k, sorted=False).values.min())
+
+
+def sparsifier_options(name: str, threshold: float | None) -> dict:
+    """Constructor keywords beyond the density: HardThreshold's lambda."""
+    if name != "threshold":
+        return {}
+    if threshold is None:
+        raise ValueError("the threshold sparsifier needs a threshold (lambda)")
+    return {"threshold": threshold}
+
+
 def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, repeats: int,
-             progress=None) -> dict:
-    """``warmup + repeats`` steps of ``n`` simulated workers of sparsifier ``name``; the measured
-    steps' figures (see the module docstring), one list entry per measured step."""
+             options: dict | None = None, progress=None) -> dict:
+    """``warmup + repeats`` steps of ``n`` simulated workers of sparsifier ``name`` (built with
+    ``options`` as extra keywords); the measured steps' figures (see the module docstring), one list
+    entry per measured step."""
     device = work.grads[0].device
-    sp = sparsifiers.build(name, density)
+    sp = sparsifiers.build(name, density, **(options or {}))
     numel = work.numel
     offsets = sp.fragment_offsets(work.sizes, n).to(device)
     shards = min(n, len(work.grads))
@@ -329,11 +359,13 @@ def summarize(results: list[dict]) -> dict:
         ideal = t1 / n
         rows[str(n)] = {"t_select_ms": r["t_select_ms"], "ideal_ms": ideal, "ratio_to_ideal": r["t_select_ms"] / ideal,
                         "sent_equals_planned": all(s["sent"] == s["planned"] for s in r["steps"]),
+                        "planned_equals_requested": all(s["planned"] == r["budget"] for s in r["steps"]),
                         "density": r["density"]}
     within = [v["ratio_to_ideal"] <= TARGET_FACTOR for n, v in rows.items() if int(n) <= TARGET_MAX_N]
     return {"deft_t1_ms": t1, "by_workers": rows, "target_factor": TARGET_FACTOR, "target_max_n": TARGET_MAX_N,
             "scaling_target_met": all(within),
-            "density_exact": all(v["sent_equals_planned"] for v in rows.values())}
+            "density_exact": all(v["sent_equals_planned"] for v in rows.values()),
+            "density_is_requested": all(v["planned_equals_requested"] for v in rows.values())}
 
 
 def format_table(results: list[dict], config: dict) -> str:
@@ -366,7 +398,12 @@ def format_table(results: list[dict], config: dict) -> str:
                      lambda v: f"{v:.2f}", "t_select_ms", extra))
     out.append(block("\nplan time on the leader, ms (part of the critical path above)", lambda v: f"{v:.2f}",
                      "t_plan_ms"))
-    out.append(block("\nsent density, % of N (union of all workers' selections)", lambda v: f"{100 * v:.4f}", "density"))
+    note = []
+    if max(ns) > config["distinct_gradients"]:
+        note.append(f"(worker r holds gradient r mod {config['distinct_gradients']}: past n = "
+                    f"{config['distinct_gradients']} the union of per-worker selections cannot grow further)")
+    out.append(block("\nsent density, % of N (union of all workers' selections)", lambda v: f"{100 * v:.4f}", "density",
+                     note))
     out.append(block("\nselected per worker (mean over ranks)", lambda v: f"{v:,.0f}", "selected_per_worker_mean"))
     out.append(block("\nbin imbalance, measured select time max/mean over ranks", lambda v: f"{v:.2f}",
                      "imbalance_measured"))
@@ -428,12 +465,16 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as e:  # a user factory that breaks its contract, found only when it runs
         print(f"deft-bench: error: --model {args.model}: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    threshold = args.threshold
+    if threshold is None and "threshold" in args.sparsifiers:
+        threshold = calibrated_threshold(work.grads[0], args.density)
     config = {
         "model": args.model, "numel": work.numel, "tensors": len(work.layout), "density": args.density,
         "budget": int(args.density * work.numel), "workers": args.workers, "sparsifiers": args.sparsifiers,
         "repeats": args.repeats, "warmup": args.warmup, "device": args.device,
         "device_name": machine["gpu"] or machine["cpu_model"], "seed": args.seed, "threads": args.threads,
         "distinct_gradients": args.distinct_gradients, "train_steps": args.train_steps,
+        "threshold": threshold, "threshold_calibrated": args.threshold is None and threshold is not None,
         "gradient_seconds": work.seconds}
     from tqdm import tqdm
 
@@ -444,7 +485,7 @@ def run(args: argparse.Namespace) -> dict:
             for name in args.sparsifiers:
                 bar.set_postfix_str(f"{name} n={n}")
                 results.append(simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
-                                        progress=bar))
+                                        options=sparsifier_options(name, threshold), progress=bar))
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"schema": 1, "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine, "config": config,
            "summary": summarize(results), "results": results}
