@@ -105,6 +105,29 @@ def test_threshold_is_calibrated_to_k_and_recorded(cli_run):
     assert bench.sparsifier_options("topk", None) == {}
 
 
+def test_cpu_clock_leaves_out_time_the_thread_does_not_run():
+    """--clock cpu: a worker preempted (here: sleeping) is charged only for its own CPU time."""
+    import time as _time
+
+    wall, _ = bench._timed(torch.device("cpu"), bench.CLOCKS["wall"], _time.sleep, 0.05)
+    cpu, _ = bench._timed(torch.device("cpu"), bench.CLOCKS["cpu"], _time.sleep, 0.05)
+    assert wall >= 0.05 > 10 * cpu
+    work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r = bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="cpu")
+        assert r["t_select_ms"] > 0
+        with pytest.raises(ValueError, match="clock must be one of"):
+            bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="sundial")
+        if threads > 1:
+            torch.set_num_threads(2)
+            with pytest.raises(ValueError, match="needs a CPU device and one thread"):
+                bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_summary_against_made_up_timings():
     def row(n, ms, sent=100, planned=100):
         return {"sparsifier": "deft", "workers": n, "t_select_ms": ms, "density": sent / 10_000, "budget": 100,
@@ -139,6 +162,8 @@ def test_summary_against_made_up_timings():
     (["--model", "resnet51"], "--model must be one of"),
     (["--seed", "x"], "--seed: invalid int value"),
     (["--threshold", "0"], "--threshold: expected a positive number"),
+    (["--clock", "cpu", "--threads", "2"], "--clock cpu times the calling thread"),
+    (["--clock", "gpu"], "--clock: invalid choice"),
     (["--threshold", "nan"], "--threshold: expected a positive number"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD steps on the model before its gradients are taken")
     p.add_argument("--threshold", type=_positive_float, default=None,
                    help="HardThreshold's lambda (default: calibrated, the k-th largest |g| of worker 0's gradient)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the worker thread's CPU time, steadier on a shared machine "
+                        "(needs --device cpu --threads 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -172,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     args.device = str(device)
+    if args.clock == "cpu" and (device.type != "cpu" or args.threads != 1):
+        parser.error("--clock cpu times the calling thread: it needs --device cpu and --threads 1")
     if not isinstance(args.model, str) or not args.model:
         parser.error("--model must be a model name or 'module:factory'")
     if args.model.lower() not in models.MODELS and ":" not in args.model:
@@ -215,14 +220,20 @@ def make_workload(model: str, distinct: int, seed: int, device: str, train_steps
     return Workload(model, grads, layout, time.perf_counter() - start)
 
 
-def _timed(device: torch.device, fn, *args) -> tuple[float, Any]:
+#: Clocks a simulated worker can be timed with: elapsed time, or the CPU time of the calling thread
+#: (one-thread CPU runs only, where the kernels run in that thread; it leaves out the time slices
+#: other processes of a shared machine take).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _timed(device: torch.device, clock, fn, *args) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     result = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def planned_total(plan: Any) -> int | None:
@@ -254,11 +265,16 @@ def sparsifier_options(name: str, threshold: float | None) -> dict:
 
 
 def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, repeats: int,
-             options: dict | None = None, progress=None) -> dict:
+             options: dict | None = None, clock: str = "wall", progress=None) -> dict:
     """``warmup + repeats`` steps of ``n`` simulated workers of sparsifier ``name`` (built with
     ``options`` as extra keywords); the measured steps' figures (see the module docstring), one list
     entry per measured step."""
     device = work.grads[0].device
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("clock 'cpu' (the calling thread's CPU time) needs a CPU device and one thread")
+    timer = CLOCKS[clock]
     sp = sparsifiers.build(name, density, **(options or {}))
     numel = work.numel
     offsets = sp.fragment_offsets(work.sizes, n).to(device)
@@ -270,7 +286,7 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
         norms = [ops.accumulate_norms(work.grads[s], residuals[s], offsets, validate=False) for s in range(shards)]
         acc = residuals  # a = g + r, in place: each shard's residual now holds its accumulated gradient
         leader = step % n
-        t_plan, plan = _timed(device, sp.plan, acc[leader % shards], norms[leader % shards], offsets, n, step)
+        t_plan, plan = _timed(device, timer, sp.plan, acc[leader % shards], norms[leader % shards], offsets, n, step)
         sent_mask.zero_()
         fixed = sp.always_sent(plan, device)
         if fixed is not None:
@@ -278,7 +294,7 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
         t_ranks, counts = [], []
         for rank in range(n):
             s = rank % shards
-            t, mine = _timed(device, sp.select, acc[s], norms[s], offsets, plan, rank, n, step)
+            t, mine = _timed(device, timer, sp.select, acc[s], norms[s], offsets, plan, rank, n, step)
             t_ranks.append(t)
             counts.append(int(mine.numel()))
             if sp.gathers_selection:
@@ -386,6 +402,7 @@ def format_table(results: list[dict], config: dict) -> str:
 
     out = [f"model {config['model']}: N = {config['numel']:,} in {config['tensors']} tensors, d = {config['density']:g} "
            f"(k = {config['budget']:,}), device {config['device']}, {config['threads']} thread(s) per worker, "
+           f"{'thread CPU time' if config['clock'] == 'cpu' else 'wall-clock time'}, "
            f"{config['distinct_gradients']} distinct gradients, median of {config['repeats']} steps after "
            f"{config['warmup']} warm-up"]
     extra = []
@@ -475,6 +492,7 @@ def run(args: argparse.Namespace) -> dict:
         "device_name": machine["gpu"] or machine["cpu_model"], "seed": args.seed, "threads": args.threads,
         "distinct_gradients": args.distinct_gradients, "train_steps": args.train_steps,
         "threshold": threshold, "threshold_calibrated": args.threshold is None and threshold is not None,
+        "clock": args.clock,
         "gradient_seconds": work.seconds}
     from tqdm import tqdm
 
@@ -485,7 +503,8 @@ def run(args: argparse.Namespace) -> dict:
             for name in args.sparsifiers:
                 bar.set_postfix_str(f"{name} n={n}")
                 results.append(simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
-                                        options=sparsifier_options(name, threshold), progress=bar))
+                                        options=sparsifier_options(name, threshold), clock=args.clock,
+                                        progress=bar))
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"schema": 1, "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine, "config": config,
            "summary": summarize(results), "results": results}
