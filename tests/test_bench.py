@@ -30,6 +30,7 @@ def test_cli_writes_table_json_and_png(cli_run):
         assert key in doc["machine"], key
     config = doc["config"]
     assert config["model"] == "ncf" and config["workers"] == [1, 2] and config["repeats"] == 2
+    assert doc["command"].startswith("deft-bench --model ncf --workers 1 2")
     assert config["numel"] == sum(p.numel() for p in models.build("ncf")[0].parameters())
     assert config["sparsifiers"] == bench.benchable()
     assert {(r["sparsifier"], r["workers"]) for r in doc["results"]} == {
@@ -196,6 +197,12 @@ def test_broken_user_factory_exits_2_naming_model(tmp_path, monkeypatch, capsys)
     sys.modules.pop("broken_factory_mod", None)
     assert exc.value.code == 2
     assert "--model broken_factory_mod:factory" in capsys.readouterr().err
+
+
+def test_output_names():
+    assert bench.output_stem("resnet50", "cpu") == "worker_count_resnet50_cpu"
+    assert bench.output_stem("resnet50", "cuda:1") == "worker_count_resnet50_cuda"
+    assert bench.output_stem("my.models:factory", "cpu", "cpu") == "worker_count_my_models_factory_cpu_cputime"
 
 
 def test_console_script_is_declared():

@@ -148,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; a bad value exits with status 2 and a message naming
     the option."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = "deft-bench " + shlex.join(argv)  # what reproduces this run
     if len(set(args.workers)) != len(args.workers):
         parser.error(f"--workers must not repeat a value, got {args.workers}")
     args.workers = sorted(args.workers)
@@ -468,9 +470,10 @@ def plot(results: list[dict], config: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def output_stem(model: str, device: str) -> str:
+def output_stem(model: str, device: str, clock: str = "wall") -> str:
+    """``worker_count_<model>_<device type>``, with ``_cputime`` for a ``--clock cpu`` run."""
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_") or "model"
-    return f"worker_count_{safe}_{torch.device(device).type}"
+    return f"worker_count_{safe}_{torch.device(device).type}" + ("_cputime" if clock == "cpu" else "")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -506,12 +509,12 @@ def run(args: argparse.Namespace) -> dict:
                                         options=sparsifier_options(name, threshold), clock=args.clock,
                                         progress=bar))
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    doc = {"schema": 1, "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine, "config": config,
+    doc = {"schema": 1, "command": args.command, "machine": machine, "config": config,
            "summary": summarize(results), "results": results}
     table = format_table(results, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / output_stem(args.model, args.device)
+    stem = out / output_stem(args.model, args.device, args.clock)
     Path(f"{stem}.txt").write_text(table)
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     plot(results, config, Path(f"{stem}.png"))
