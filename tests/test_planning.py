@@ -88,6 +88,20 @@ def test_rotation_visits_every_bin_in_n_steps(n):
         assert sorted(planning.bin_of(r, t, n) for r in range(n)) == list(range(n))
 
 
+def test_plan_rotation_helpers_hand_worked():
+    # sizes 100 each, k = 12 by norms 8, 4, 2, 2 -> k = 6, 3, 1, 2 (f2 then f3: int(3*2/4)=1, int(2*2/2)=2).
+    plan = planning.make_plan(torch.tensor([8.0, 4.0, 2.0, 2.0]), torch.tensor([100] * 4), 12, 2, "size")
+    assert plan.k.tolist() == [6, 3, 1, 2] and plan.world_size == 2
+    # equal costs (size): LPT by id, f0->b0, f1->b1, f2->b0, f3->b1
+    assert [b.tolist() for b in plan.bins] == [[0, 2], [1, 3]]
+    assert plan.bin_of(0, 0) == 0 and plan.bin_of(1, 0) == 1 and plan.bin_of(0, 1) == 1 and plan.bin_of(1, 3) == 0
+    assert plan.fragments_of(0, 1).tolist() == [1, 3] and plan.fragments_of(1, 1).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="rank must lie in"):
+        plan.bin_of(2, 0)
+    with pytest.raises(ValueError, match="step must be non-negative"):
+        plan.fragments_of(0, -1)
+
+
 @pytest.mark.parametrize("n", [2, 5])
 def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed, n):
     gen = torch.Generator().manual_seed(seed)
@@ -115,6 +129,19 @@ def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed,
     ("cost_model must be one of", lambda: DEFT(0.1, cost_model="nope")),
     ("rank must lie in", lambda: planning.bin_of(3, 0, 2)),
     ("loads must not be empty", lambda: planning.imbalance([])),
+    ("sizes must be a 1-D int64 tensor", lambda: planning.cost_size_log_k(torch.ones(2), torch.ones(2, dtype=torch.int64))),
+    ("k must be an int64 tensor shaped like sizes", lambda: planning.cost_size(torch.tensor([4, 4]), torch.tensor([1]))),
+    ("k must be an int64 tensor shaped like sizes",
+     lambda: planning.common_fragments(torch.tensor([1.0]), torch.tensor([4]))),
+    ("costs must be a 1-D real tensor", lambda: planning.pack_bins([1.0, 2.0], 2, torch.arange(2))),
+    ("costs must be finite", lambda: planning.pack_bins(torch.tensor([1.0, float("nan")]), 2, torch.arange(2))),
+    ("candidates must be a 1-D int64 tensor", lambda: planning.pack_bins(torch.ones(2), 2, [0, 1])),
+    ("candidates must be distinct fragment ids in \\[0, 2\\)",
+     lambda: planning.pack_bins(torch.ones(2), 2, torch.tensor([0, 2]))),
+    ("candidates must be distinct", lambda: planning.pack_bins(torch.ones(2), 2, torch.tensor([1, 1]))),
+    ("sizes must be a 1-D integer tensor", lambda: planning.make_plan(torch.ones(1), [4], 1, 1)),
+    ("cost_model must return a real tensor shaped like sizes",
+     lambda: planning.make_plan(torch.ones(2), torch.tensor([4, 4]), 2, 1, lambda s, k: s[:1].double())),
 ])
 def test_bad_input_names_the_argument(match, call):
     with pytest.raises((TypeError, ValueError), match=match):

@@ -7,6 +7,8 @@ import torch
 from deft_kernels import reference
 from deft_kernels.sparsifiers import SPARSIFIERS, TopK, build
 
+KWARGS = {"threshold": {"threshold": 0.5}}  # constructor arguments beyond the density
+
 
 def test_topk_step_sends_the_top_k_and_conserves_the_accumulated_gradient(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -32,12 +34,11 @@ def test_dense_step_returns_the_gradient_without_residual(seed):
 def test_state_dict_round_trip_continues_exactly(seed, name):
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(500, generator=gen) for _ in range(4)]
-    kw = {"threshold": 1.0} if name == "threshold" else {}
-    straight, resumed = build(name, 0.1, **kw), build(name, 0.1, **kw)
+    straight, resumed = build(name, 0.1, **KWARGS.get(name, {})), build(name, 0.1, **KWARGS.get(name, {}))
     outs = [straight.step(g)[0] for g in grads]
     for g in grads[:2]:
         resumed.step(g)
-    fresh = build(name, 0.1, **kw)
+    fresh = build(name, 0.1, **KWARGS.get(name, {}))
     fresh.load_state_dict(resumed.state_dict())
     assert fresh.step_count == 2
     assert all(torch.equal(fresh.step(g)[0], o) for g, o in zip(grads[2:], outs[2:]))

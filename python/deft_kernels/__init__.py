@@ -5,6 +5,10 @@ Layers, data flowing one way (each module's docstring explains its terms):
 - ``deft_kernels.ops``: validated entry points to the three kernel ops (registered as
   ``torch.ops.deft_kernels.*``; C++/OpenMP on CPU, CUDA/Triton on GPU);
   ``deft_kernels.reference`` holds their plain-PyTorch oracle.
+- ``deft_kernels.planning``: host-side DEFT planning (fragments, local k, bins, rotation), pure.
+- ``deft_kernels.sparsifiers``: DEFT and the baselines on one interface, ``Sparsifier.step``
+  (error feedback, leader plan, selection, exchange over ``torch.distributed``).
+- ``deft_kernels.simulate``: ``n`` workers in one process on the reference ops, the tests' oracle.
 - Integrations: ``deft_kernels.hook`` (``DeftState`` + ``deft_hook``, a DDP communication hook) and
   ``deft_kernels.training`` (``GradientSparsifier``, for training loops without DDP).
 """

@@ -13,6 +13,8 @@ The terms of ``DEFT_SPEC.md``:
   cost model, largest cost first (ties: lower fragment id), each into the lightest bin (ties: the
   lowest bin id), i.e. LPT.
 - **rotation** (step 6): worker ``rank`` takes bin ``(step + rank) % n``.
+- **partitions** (MiCRO, not DEFT): ``n`` contiguous, nearly equal slices of the flat vector,
+  ignoring parameter boundaries; rotated like bins.
 
 Everything here runs on CPU tensors and Python numbers; plans are small (one entry per fragment).
 """
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["fragment_sizes", "fragment_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL", "cost_size_log_k",
-           "cost_size",
+__all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
+           "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,6 +73,17 @@ def fragment_offsets(sizes: Sequence[int], world_size: int) -> torch.Tensor:
     return out
 
 
+def partition_offsets(numel: int, world_size: int) -> torch.Tensor:
+    """int64 offsets (length ``world_size + 1``) of ``world_size`` contiguous slices of a flat
+    vector of ``numel`` elements whose sizes differ by at most one (larger ones first)."""
+    n = _check_world_size(world_size)
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    q, r = divmod(numel, n)
+    sizes = torch.tensor([q + 1 if p < r else q for p in range(n)], dtype=torch.int64)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+
 def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:
     """Per-fragment k (int64, CPU) sharing ``k_total`` by norm, exactly as the spec's step 4.
 
@@ -105,14 +118,23 @@ def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Ten
     return torch.tensor(k, dtype=torch.int64)
 
 
+def _check_sizes_and_k(sizes, k) -> None:
+    if not isinstance(sizes, torch.Tensor) or sizes.dtype != torch.int64 or sizes.dim() != 1:
+        raise TypeError("sizes must be a 1-D int64 tensor (one entry per fragment)")
+    if not isinstance(k, torch.Tensor) or k.dtype != torch.int64 or k.shape != sizes.shape:
+        raise TypeError(f"k must be an int64 tensor shaped like sizes {tuple(sizes.shape)}")
+
+
 def cost_size_log_k(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The spec's cost: ``size * log2(k)`` when ``k > 1``, else ``size`` (a top-k over the fragment)."""
+    _check_sizes_and_k(sizes, k)
     s, kk = sizes.double(), k.double()
     return torch.where(kk > 1, s * torch.log2(kk.clamp(min=1)), s)
 
 
 def cost_size(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Linear cost: the size (a radix select reads each element a bounded number of times)."""
+    _check_sizes_and_k(sizes, k)
     return sizes.double()
 
 
@@ -127,6 +149,7 @@ DEFAULT_COST_MODEL = "size"
 
 def common_fragments(k: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Ids of the common part: fragments with ``k_f == size_f`` (and non-empty), sent whole."""
+    _check_sizes_and_k(sizes, k)
     return torch.nonzero((k == sizes) & (sizes > 0)).flatten()
 
 
@@ -134,7 +157,15 @@ def pack_bins(costs: torch.Tensor, world_size: int, candidates: torch.Tensor) ->
     """LPT: the ``candidates`` (fragment ids) by descending cost (ties: lower id) each into the
     lightest of ``world_size`` bins (ties: lowest bin id). Returns the bins' fragment ids, sorted."""
     n = _check_world_size(world_size)
+    if not isinstance(costs, torch.Tensor) or costs.dim() != 1 or costs.dtype == torch.bool or costs.is_complex():
+        raise TypeError("costs must be a 1-D real tensor (one entry per fragment)")
+    if not bool(torch.isfinite(costs).all()):  # negative is allowed: fitted cost models can dip below 0
+        raise ValueError("costs must be finite")
+    if not isinstance(candidates, torch.Tensor) or candidates.dtype != torch.int64 or candidates.dim() != 1:
+        raise TypeError("candidates must be a 1-D int64 tensor of fragment ids")
     cand = candidates.tolist()
+    if any(not 0 <= f < costs.numel() for f in cand) or len(set(cand)) != len(cand):
+        raise ValueError(f"candidates must be distinct fragment ids in [0, {costs.numel()})")
     cost = costs.double().tolist()
     cand.sort(key=lambda f: (-cost[f], f))
     heap = [(0.0, b) for b in range(n)]
@@ -175,6 +206,19 @@ class DeftPlan:
     common: torch.Tensor  # fragment ids of the common part
     costs: torch.Tensor  # float64 model cost per fragment
 
+    @property
+    def world_size(self) -> int:
+        """The number of workers (bins) the plan was made for."""
+        return len(self.bins)
+
+    def bin_of(self, rank: int, step: int) -> int:
+        """The bin worker ``rank`` selects in at ``step`` (rotation, :func:`bin_of`)."""
+        return bin_of(rank, step, self.world_size)
+
+    def fragments_of(self, rank: int, step: int) -> torch.Tensor:
+        """The fragment ids (ascending, int64, CPU) worker ``rank`` selects in at ``step``."""
+        return self.bins[self.bin_of(rank, step)]
+
     def bin_costs(self) -> list[float]:
         """Model cost of each bin."""
         return [float(self.costs[b].sum()) for b in self.bins]
@@ -198,9 +242,14 @@ def make_plan(norms: torch.Tensor, sizes: torch.Tensor, k_total: int, world_size
     model = COST_MODELS.get(cost_model) if isinstance(cost_model, str) else cost_model
     if model is None or not callable(model):
         raise ValueError(f"cost_model must be one of {sorted(COST_MODELS)} or a callable, got {cost_model!r}")
+    if not isinstance(sizes, torch.Tensor) or sizes.dim() != 1 or sizes.is_floating_point():
+        raise TypeError("sizes must be a 1-D integer tensor (one entry per fragment)")
     sizes = sizes.to("cpu", torch.int64)
     k = local_k(norms, sizes, k_total)
     common = common_fragments(k, sizes)
-    costs = model(sizes, k).double()
+    costs = model(sizes, k)
+    if not isinstance(costs, torch.Tensor) or costs.shape != sizes.shape or costs.dtype == torch.bool:
+        raise TypeError(f"cost_model must return a real tensor shaped like sizes {tuple(sizes.shape)}")
+    costs = costs.double()
     selectable = torch.nonzero((k > 0) & (k < sizes)).flatten()
     return DeftPlan(sizes=sizes, k=k, bins=pack_bins(costs, world_size, selectable), common=common, costs=costs)

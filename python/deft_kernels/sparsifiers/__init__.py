@@ -1,7 +1,9 @@
 """Sparsifiers: DEFT and the baselines it is measured against, one class each, one interface
 (:class:`~deft_kernels.sparsifiers.base.Sparsifier`), the same error feedback.
 
-``build(name, density, **kwargs)`` makes one by its registry name (``SPARSIFIERS``).
+``build(name, density, **kwargs)`` makes one by its registry name (``SPARSIFIERS``):
+``"dense"``, ``"topk"``, ``"cltk"``, ``"threshold"`` (needs ``threshold=``), ``"sidco"``, ``"deft"``,
+``"micro"``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from .sidco import SIDCo
 from .threshold import HardThreshold
 from .topk import TopK
 
-SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK, CLTK, HardThreshold, SIDCo, MiCRO, DEFT)}
+SPARSIFIERS: dict[str, type[Sparsifier]] = {cls.name: cls for cls in (Dense, TopK, CLTK, HardThreshold, SIDCo, DEFT,
+                                                                      MiCRO)}
 
 
 def build(name: str, density: float, **kwargs) -> Sparsifier:
-    """The sparsifier registered as ``name`` (see ``SPARSIFIERS``) at the given density."""
+    """The sparsifier registered as ``name`` (see ``SPARSIFIERS``; case-insensitive) at the given
+    density; ``kwargs`` go to its constructor (``threshold=`` for ``"threshold"``)."""
     if not isinstance(name, str) or name.lower() not in SPARSIFIERS:
         raise ValueError(f"name must be one of {sorted(SPARSIFIERS)}, got {name!r}")
     return SPARSIFIERS[name.lower()](density=density, **kwargs)

@@ -7,14 +7,21 @@ single-process simulation of ``n`` workers used by the worker-count benchmark:
 1. ``accumulate``: ``a = g + r`` and the fragment norms (``ops.accumulate_norms``), local.
 2. ``plan``: work the leader (``step % world_size``) does alone and broadcasts, so that all workers
    agree (DEFT: local k and bin packing from the leader's norms; CLT-k: the leader's top-k indices;
-   MiCRO: partition and threshold). Returns ``None`` for algorithms that need no agreement.
+   MiCRO: the per-partition thresholds). Returns ``None`` for algorithms that need no agreement.
 3. ``select``: this worker's own selection given the agreed plan, local, no communication
    (DEFT: top-k over the fragments of its bin; Top-k: over the whole vector).
 4. ``exchange``: all-gather indices, all-reduce values, unpack; the only phase that communicates.
 
-The phases ``fragment_offsets``, ``plan`` and ``select`` never communicate, so one process can
-simulate ``n`` workers by calling ``plan`` once and ``select`` for every rank (the worker-count
-benchmark does). ``step`` runs the four phases for real over ``torch.distributed``.
+The phases ``fragment_offsets``, ``plan`` and ``select`` never communicate and never change the
+instance's state, so one process can simulate ``n`` workers by calling ``plan`` once (as the leader)
+and ``select`` for every rank on one instance (the worker-count benchmark does). State that evolves
+from step to step (MiCRO's thresholds) changes only in ``observe``, which runs after the exchange
+with what every worker knows. ``step`` runs the four phases for real over ``torch.distributed``;
+:func:`deft_kernels.simulate.simulate` runs them for ``n`` workers in one process on the reference
+ops, the oracle of the multi-process tests.
+
+``kernels`` is where ``plan`` and ``select`` take their top-k from: the C++/CUDA ops without
+re-validation by default; the simulation swaps in :mod:`deft_kernels.reference`.
 
 Plans cross the wire with ``dist.broadcast_object_list``: a plan holds CPU tensors and Python
 objects only (a pickled CUDA tensor would land on the sender's device index).
@@ -25,7 +32,10 @@ work): ``max over ranks of (t_plan if rank is the leader else 0) + t_select(rank
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +45,11 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from ..layouts import offsets_of
+
+#: The ops that ``plan`` and ``select`` call, validation off: their inputs come from the planner,
+#: valid by construction. Same signatures as :mod:`deft_kernels.reference`.
+FAST_KERNELS = types.SimpleNamespace(segmented_topk=functools.partial(ops.segmented_topk, validate=False))
 
 
 @dataclass
@@ -56,10 +71,12 @@ class StepStats:
 
 
 class Sparsifier(ABC):
-    """Base class. Subclasses implement ``fragment_offsets``, ``plan`` (optional) and ``select``;
-    the distributed ``step`` and the error feedback are shared."""
+    """Base class. Subclasses implement ``select`` and, where they need them, ``fragment_offsets``
+    (default: one fragment per tensor), ``plan``, ``always_sent`` and ``observe``; the distributed
+    ``step`` and the error feedback are shared."""
 
     name: str = "base"
+    kernels: Any = FAST_KERNELS
 
     def __init__(self, density: float) -> None:
         if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
@@ -80,10 +97,10 @@ class Sparsifier(ABC):
         """k = int(d * N), the number of elements the step should send in total."""
         return int(self.density * numel)
 
-    @abstractmethod
     def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
         """int64 offsets (length F + 1) of the fragments over the flat vector of tensors of the
-        given sizes (DEFT: the spec's fragments; the others: one fragment per tensor)."""
+        given sizes: one fragment per tensor (DEFT overrides this with the spec's fragments)."""
+        return torch.tensor(offsets_of(sizes), dtype=torch.int64)
 
     def plan(self, acc: torch.Tensor, norms: torch.Tensor, offsets: torch.Tensor, world_size: int,
              step: int) -> Any:
@@ -107,9 +124,10 @@ class Sparsifier(ABC):
         indices), int64 on ``device``; ``None`` when there are none."""
         return None
 
-    def observe(self, sent: int, world_size: int) -> None:
-        """Called on every worker after the exchange with the global sent count (the same on all
-        workers, so state updated from it stays in agreement). Default: nothing."""
+    def observe(self, plan: Any, sent: torch.Tensor, numel: int, world_size: int) -> None:
+        """Called on every worker after the exchange with the agreed plan, the global index set
+        (sorted) and the vector's length (the same on all workers, so state updated from them stays in agreement). The one
+        place where per-step algorithm state may change. Default: nothing."""
 
     def extra_state(self) -> dict:
         """Algorithm state beyond the residual and the step counter, for ``state_dict``."""
@@ -133,13 +151,11 @@ class Sparsifier(ABC):
         set, where it holds the mean over workers of their accumulated gradient ``a``, and the step's
         :class:`StepStats`. The residual keeps ``a`` minus what was sent.
         """
-        rank, world_size = _rank_and_size(group)
-        self._check_step_input(grad, sizes, world_size)
+        rank, world_size = _rank_and_size(group, grad)
+        if self.residual is None and world_size > 1:
+            self._agree_on_setup(grad, sizes, group, world_size)
+        offsets = self._begin(grad, sizes, world_size)
         clock = _Clock(grad.device)
-        if self.residual is None:
-            self.residual = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-            self._offsets = self.fragment_offsets(self._sizes, world_size).to(grad.device)
-        offsets = self._offsets
         step = self.step_count
 
         clock.mark()
@@ -162,7 +178,7 @@ class Sparsifier(ABC):
             dist.all_reduce(values, group=group)
         clock.mark()
         out = ops.sparse_unpack(self.residual, sent, values.to(acc.dtype), 1.0 / world_size, validate=False)
-        self.observe(int(sent.numel()), world_size)
+        self.observe(plan, sent, grad.numel(), world_size)
         self.step_count += 1
         clock.mark()
 
@@ -172,6 +188,51 @@ class Sparsifier(ABC):
             selected=int(mine.numel()), sent=int(sent.numel()), numel=grad.numel(),
             bytes_sent=8 * own + 4 * int(sent.numel()), t_select=t_plan + t_select,
             t_comm=t_broadcast + t_exchange, t_other=t_accumulate + t_unpack)
+
+    def _begin(self, grad, sizes, world_size: int) -> torch.Tensor:
+        """Check a step's input against the earlier steps; at the first step make the residual and
+        cut the fragments. Returns the fragment offsets."""
+        self._check_step_input(grad, sizes, world_size)
+        if self.residual is None:
+            self.residual = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            self._offsets = self.fragment_offsets(self._sizes, world_size).to(grad.device)
+        return self._offsets
+
+    def _agree_on_setup(self, grad, sizes, group, world_size: int) -> None:
+        """First step only, before anything else communicates: every rank checks its own input,
+        then all-gather (input valid, grad length, digest of name, density, sizes and dtype); if any
+        rank rejected its input or the ranks disagree, every rank raises (and the instance resets,
+        so a corrected call starts afresh). Without it, a rank whose input is rejected leaves the
+        others waiting in the next collective until the process group's timeout, ranks whose
+        layouts differ but whose lengths agree exchange values of different parameters silently
+        (the leader's plan names fragments by id), and differing lengths fail later with an index
+        error on one rank. One all-gather of three int64 per rank, once."""
+        try:
+            self._check_step_input(grad, sizes, world_size)
+            error = None
+            setup = repr((self.name, self.density, list(self._sizes), str(grad.dtype)))
+            key = int.from_bytes(hashlib.sha256(setup.encode()).digest()[:7], "little")
+            mine = [1, grad.numel(), key]
+        except (TypeError, ValueError) as e:
+            error, mine = e, [0, -1, 0]
+        device = grad.device if isinstance(grad, torch.Tensor) else torch.device("cpu")
+        mine = torch.tensor(mine, dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(every, mine, group=group)
+        every = [tuple(int(v) for v in t.tolist()) for t in every]
+        rejected = [r for r, e in enumerate(every) if e[0] == 0]
+        if error is not None or rejected or any(e != every[0] for e in every):
+            self.reset()
+        if error is not None:
+            raise error
+        if rejected:
+            raise ValueError(f"rank(s) {rejected} rejected their input at the first step (see their error); "
+                             "every rank stops")
+        if any(e != every[0] for e in every):
+            lengths = [e[1] for e in every]
+            raise ValueError("ranks disagree on the step's setup (sparsifier, density, parameter sizes or grad "
+                             f"dtype) at the first step: grad lengths per rank {lengths}, setup digests "
+                             f"{[hex(e[2]) for e in every]}; every rank must pass the same layout")
 
     def _check_step_input(self, grad, sizes, world_size: int) -> None:
         if not isinstance(grad, torch.Tensor):
@@ -190,6 +251,9 @@ class Sparsifier(ABC):
             return
         if world_size != self._world_size:
             raise ValueError(f"world size changed between steps ({self._world_size} -> {world_size}); "
+                             "call reset() to start afresh")
+        if grad.numel() != sum(self._sizes):
+            raise ValueError(f"grad length changed between steps ({sum(self._sizes)} -> {grad.numel()}); "
                              "call reset() to start afresh")
         if sizes != self._sizes:
             raise ValueError("the parameter layout (sizes) changed between steps; call reset() to start afresh")
@@ -230,10 +294,27 @@ class Sparsifier(ABC):
         self.load_extra_state(state["extra"])
 
 
-def _rank_and_size(group) -> tuple[int, int]:
+def indices_at_least(acc: torch.Tensor, threshold: float, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """Sorted int64 indices ``i`` in ``[lo, hi)`` with ``|acc[i]| >= threshold``, the threshold
+    selection of HardThreshold, SIDCo and MiCRO. Zeros are never selected (sending them changes
+    nothing) and NaNs always are (the package's NaN policy: a NaN reaches the averaged gradient)."""
+    part = acc[lo:hi]
+    mag = part.abs()
+    keep = ((mag >= threshold) & (mag > 0)) | torch.isnan(part)
+    return torch.nonzero(keep).flatten() + lo
+
+
+def _rank_and_size(group, grad) -> tuple[int, int]:
+    """This worker's rank and the world size (0 and 1 without torch.distributed), after checking
+    that ``grad`` can travel on ``group``'s backend."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    world_size = dist.get_world_size(group)
+    if world_size > 1 and isinstance(grad, torch.Tensor) and grad.device.type != "cuda" \
+            and dist.get_backend(group) == "nccl":
+        raise ValueError(f"grad is on {grad.device} but the process group's backend is nccl, which "
+                         "needs CUDA tensors; use a gloo group for CPU gradients")
+    return dist.get_rank(group), world_size
 
 
 def _union(mine: torch.Tensor, fixed: torch.Tensor | None, gather: bool, group, world_size: int) -> torch.Tensor:

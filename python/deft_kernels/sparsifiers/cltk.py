@@ -8,19 +8,19 @@ from .topk import TopK
 
 
 class CLTK(TopK):
-    """The leader (``step % n``) selects the top ``k`` of its own accumulated gradient and broadcasts
-    the indices; every worker sends its values there. No build-up (exactly ``k`` indices), but the
-    leader scans all ``N`` elements while the others wait: the selection cost does not fall with ``n``.
-    """
+    """The leader ``step % n`` selects the top ``k`` of its own accumulated gradient and broadcasts
+    the indices in the plan; every worker all-reduces its values there. No all-gather and no
+    build-up (exactly ``k`` indices are sent), but the leader scans all ``N`` elements while the
+    others wait."""
 
     name = "cltk"
-    gathers_selection = False  # the plan carries every index
+    gathers_selection = False
 
     def plan(self, acc, norms, offsets, world_size, step) -> torch.Tensor:
-        return super().select(acc, norms, offsets, None, 0, world_size, step).cpu()
+        return self.top_k_of_all(acc).cpu()  # plans cross the wire pickled: CPU only
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=acc.device)
 
-    def always_sent(self, plan, device) -> torch.Tensor:
+    def always_sent(self, plan, device) -> torch.Tensor | None:
         return plan.to(device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops, planning
+from .. import planning
 from .base import Sparsifier
 
 
@@ -39,10 +39,10 @@ class DEFT(Sparsifier):
         return planning.make_plan(norms.cpu(), sizes, self.budget(acc.numel()), world_size, self.cost_model)
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
-        frags = plan.bins[planning.bin_of(rank, step, world_size)].to(acc.device)
+        frags = plan.fragments_of(rank, step).to(acc.device)
         if frags.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=acc.device)
-        return ops.segmented_topk(acc, offsets, plan.k.to(acc.device), frags, validate=False)
+        return self.kernels.segmented_topk(acc, offsets, plan.k.to(acc.device), frags)
 
     def always_sent(self, plan, device) -> torch.Tensor | None:
         return plan.common_indices().to(device) if plan.common.numel() else None

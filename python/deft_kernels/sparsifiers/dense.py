@@ -18,20 +18,17 @@ class Dense(Sparsifier):
     def __init__(self, density: float = 1.0) -> None:
         super().__init__(density)
 
-    def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
-        return torch.tensor([0, sum(sizes)], dtype=torch.int64)
-
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         return torch.arange(acc.numel(), dtype=torch.int64, device=acc.device)
 
     def step(self, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
              group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, StepStats]:
         """All-reduce of ``grad`` divided by the world size; the residual stays ``None``."""
-        rank, world_size = _rank_and_size(group)
+        rank, world_size = _rank_and_size(group, grad)
         self._check_step_input(grad, sizes, world_size)
         clock = _Clock(grad.device)
         clock.mark()
-        out = grad.float()  # fp32 sum, one rounding back to the dtype
+        out = grad.to(torch.float32, copy=True)  # fp32 sum, one rounding back; never reduce into grad
         if world_size > 1:
             dist.all_reduce(out, group=group)
         clock.mark()

@@ -1,4 +1,4 @@
-"""Hard threshold: every worker sends the elements with ``|a| >= lambda``."""
+"""Hard threshold: every worker sends the indices whose magnitude reaches a fixed threshold."""
 
 from __future__ import annotations
 
@@ -6,30 +6,32 @@ import math
 
 import torch
 
-from .topk import TopK
+from .base import Sparsifier, indices_at_least
 
 
-def above(acc: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices of ``|acc| >= threshold`` in ascending order; NaN counts as above every threshold (the
-    package's NaN policy: a NaN gradient is always sent, where the user's check sees it)."""
-    mag = acc.abs()
-    return torch.nonzero((mag >= threshold) | torch.isnan(mag)).flatten()
+class HardThreshold(Sparsifier):
+    """Every worker proposes the indices with ``|a| >= threshold``; union, all-reduce. The density
+    sent depends on the gradients alone and is unpredictable: ``density`` is recorded (it names the
+    run in ``state_dict``) but plays no part in the selection.
 
-
-class HardThreshold(TopK):
-    """Fixed threshold ``lambda`` (``threshold``): each worker proposes ``|a| >= lambda``; the union
-    is sent. The density sent is whatever the data makes it: ``density`` is only recorded (it is not
-    used to select), so compare ``StepStats.density`` with it."""
+    ``threshold`` must be a positive finite number.
+    """
 
     name = "threshold"
 
-    def __init__(self, density: float, threshold: float | None = None) -> None:
+    def __init__(self, threshold: float, density: float = 1.0) -> None:
+        if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                or not math.isfinite(threshold) or threshold <= 0):
+            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
         super().__init__(density)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a number (lambda > 0), got {threshold!r}")
-        if not (math.isfinite(threshold) and threshold > 0):
-            raise ValueError(f"threshold must be finite and > 0, got {threshold!r}")
         self.threshold = float(threshold)
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
-        return above(acc, self.threshold)
+        return indices_at_least(acc, self.threshold)
+
+    def extra_state(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state.get("threshold") != self.threshold:
+            raise ValueError(f"state is for threshold {state.get('threshold')!r}, this is {self.threshold}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..layouts import offsets_of
 from .base import Sparsifier
 
 
@@ -15,10 +13,11 @@ class TopK(Sparsifier):
 
     name = "topk"
 
-    def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
-        return torch.tensor(offsets_of(sizes), dtype=torch.int64)
-
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
+        return self.top_k_of_all(acc)
+
+    def top_k_of_all(self, acc: torch.Tensor) -> torch.Tensor:
+        """Indices of the ``budget(N)`` largest magnitudes of the whole vector, ascending."""
         whole = torch.tensor([0, acc.numel()], dtype=torch.int64, device=acc.device)
         k = torch.tensor([self.budget(acc.numel())], dtype=torch.int64, device=acc.device)
-        return ops.segmented_topk(acc, whole, k, validate=False)
+        return self.kernels.segmented_topk(acc, whole, k)
