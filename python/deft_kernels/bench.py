@@ -304,7 +304,7 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
         sent = torch.nonzero(sent_mask).squeeze(1)
         for r in residuals:
             r.index_fill_(0, sent, 0)  # the residual keeps what was not sent
-        sp.observe(int(sent.numel()), n)
+        sp.observe(plan, sent, numel, n)
         if step >= warmup:
             critical = [t + (t_plan if rank == leader else 0.0) for rank, t in enumerate(t_ranks)]
             steps.append({
