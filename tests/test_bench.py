@@ -130,6 +130,25 @@ def test_cpu_clock_leaves_out_time_the_thread_does_not_run():
         torch.set_num_threads(threads)
 
 
+def test_library_functions_name_bad_arguments():
+    work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
+    for kwargs, message in ((dict(n=0), "n must be an int >= 1"), (dict(warmup=-1), "warmup must be an int >= 0"),
+                            (dict(repeats=0), "repeats must be an int >= 1")):
+        args = dict(n=1, warmup=0, repeats=1) | kwargs
+        with pytest.raises(ValueError, match=message):
+            bench.simulate("topk", 0.01, work, args.pop("n"), **args)
+    with pytest.raises(TypeError, match="work must be a Workload"):
+        bench.simulate("topk", 0.01, work.grads, 1, warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="name must be one of"):
+        bench.simulate("nope", 0.01, work, 1, warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="density must lie in"):
+        bench.calibrated_threshold(work.grads[0], 0)
+    with pytest.raises(ValueError, match="grad must be a non-empty float tensor"):
+        bench.calibrated_threshold(torch.zeros(0), 0.01)
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        bench.make_workload("ncf", distinct=0, seed=0, device="cpu")
+
+
 def test_summary_against_made_up_timings():
     def row(n, ms, sent=100, planned=100):
         return {"sparsifier": "deft", "workers": n, "t_select_ms": ms, "density": sent / 10_000, "budget": 100,

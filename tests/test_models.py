@@ -73,6 +73,12 @@ def test_bad_builtin_arguments_name_the_argument():
         models.real_gradients(*models.build("ncf", **SMALL["ncf"]), count=0)
     with pytest.raises(TypeError):
         models.build("ncf", no_such_option=1)
+    for call, name in ((lambda: models.image_batch(0, 10), "batch_size"), (lambda: models.token_batch(2, 0, 9), "seq_len"),
+                       (lambda: models.ncf_batch(2, 0, 5), "num_users")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            call()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        models.flat_gradient("resnet18")
 
 
 FACTORY = '''

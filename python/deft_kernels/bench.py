@@ -253,8 +253,12 @@ def calibrated_threshold(grad: torch.Tensor, density: float) -> float:
     """A HardThreshold lambda for which one worker's first step would send ``k = int(d * N)``
     elements: the k-th largest ``|g|``. Fixed afterwards, as the algorithm prescribes, so the density
     it reaches drifts with the residual and with ``n``."""
+    if not isinstance(grad, torch.Tensor) or not grad.is_floating_point() or grad.numel() == 0:
+        raise ValueError("grad must be a non-empty float tensor")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
     k = max(1, int(density * grad.numel()))
-    return float(torch.topk(grad.abs().float(), k, sorted=False).values.min())
+    return float(torch.topk(grad.abs().float().flatten(), k, sorted=False).values.min())
 
 
 def sparsifier_options(name: str, threshold: float | None) -> dict:
@@ -271,6 +275,11 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
     """``warmup + repeats`` steps of ``n`` simulated workers of sparsifier ``name`` (built with
     ``options`` as extra keywords); the measured steps' figures (see the module docstring), one list
     entry per measured step."""
+    if not isinstance(work, Workload):
+        raise TypeError(f"work must be a Workload (make_workload), got {type(work).__name__}")
+    for arg, value, least in (("n", n, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
     device = work.grads[0].device
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")

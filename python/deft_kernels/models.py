@@ -61,11 +61,13 @@ LossFn = Callable[[nn.Module], torch.Tensor]
 
 def image_batch(batch_size: int, num_classes: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Normal-distributed ``(batch_size, 3, size, size)`` images and uniform labels."""
+    _check_positive(batch_size=batch_size, num_classes=num_classes, size=size)
     return torch.randn(batch_size, 3, size, size), torch.randint(num_classes, (batch_size,))
 
 
 def token_batch(batch_size: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform token ids ``(batch_size, seq_len + 1)`` split into inputs and next-token targets."""
+    _check_positive(batch_size=batch_size, seq_len=seq_len, vocab=vocab)
     tokens = torch.randint(vocab, (batch_size, seq_len + 1))
     return tokens[:, :-1], tokens[:, 1:]
 
@@ -73,6 +75,7 @@ def token_batch(batch_size: int, seq_len: int, vocab: int) -> tuple[torch.Tensor
 def ncf_batch(batch_size: int, num_users: int, num_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uniform user and item ids with implicit-feedback labels (1 = interaction), one in four positive
     (NCF trains with four negatives per positive)."""
+    _check_positive(batch_size=batch_size, num_users=num_users, num_items=num_items)
     users = torch.randint(num_users, (batch_size,))
     items = torch.randint(num_items, (batch_size,))
     labels = (torch.rand(batch_size) < 0.25).float()
@@ -383,6 +386,8 @@ def flat_gradient(model: nn.Module) -> tuple[torch.Tensor, list[tuple[str, int]]
     """The gradients of the trainable parameters laid end to end (``model.parameters()`` order), as
     one new contiguous fp32 vector, and the ``(name, numel)`` layout; a parameter without a gradient
     contributes zeros."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
