@@ -1,7 +1,10 @@
 """Micro-benchmarks of each op against what a user would write in plain torch, on the ResNet-50
 layout at d = 1% (see bench/common.py for the k rule).
 
-    .venv/bin/python -m pytest bench/test_bench_ops.py --benchmark-only [--benchmark-json out.json]
+    .venv/bin/python -m pytest bench/ [--benchmark-json out.json]
+
+(`pytest bench/` collects only this file: the other scripts here are not test_*.py; the default
+`pytest` / `pytest tests` never reaches bench/, see testpaths in pyproject.toml.)
 
 Each benchmark group (one op, one device) prints as one table; the parenthesised numbers are the
 ratios to the fastest row. CUDA rows run when torch.cuda.is_available() and are skipped otherwise.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the main job. Until the worker-count benchmark lands this is the
-# CPU demo of the ops on the ResNet-50 layout; extra arguments go to the script.
+# Set up (scripts/setup.sh) and run the main job: the worker-count benchmark (deft-bench) with its
+# defaults, writing bench/results/worker_count_<model>_cpu.{txt,json,png}. Extra arguments go to it
+# (see `deft-bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python bench/ops_demo.py "$@"
+exec .venv/bin/python -m deft_kernels.bench "$@"

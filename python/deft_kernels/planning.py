@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "cost_size_log_k", "cost_size",
+__all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
+           "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -140,6 +141,12 @@ def cost_size(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 COST_MODELS: dict[str, CostModel] = {"size_log_k": cost_size_log_k, "size": cost_size}
 
+#: ``size``, not the spec's ``size * log2(k)``: measured with our radix-select kernel on ResNet-50
+#: (bench/cost_models.py, bench/results/cost_models_resnet50_cpu.txt) the two balance the measured
+#: bin times alike up to n = 16, and at n = 32 ``size_log_k`` cannot balance even its own cost (a
+#: fragment with a large k outweighs a bin) and its slowest bin is 9% slower.
+DEFAULT_COST_MODEL = "size"
+
 
 def common_fragments(k: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Ids of the common part: fragments with ``k_f == size_f`` (and non-empty), sent whole."""
@@ -231,7 +238,7 @@ class DeftPlan:
 
 
 def make_plan(norms: torch.Tensor, sizes: torch.Tensor, k_total: int, world_size: int,
-              cost_model: str | CostModel = "size_log_k") -> DeftPlan:
+              cost_model: str | CostModel = DEFAULT_COST_MODEL) -> DeftPlan:
     """Local k by norm, the common part and LPT bins (spec steps 4 and 5)."""
     model = COST_MODELS.get(cost_model) if isinstance(cost_model, str) else cost_model
     if model is None or not callable(model):

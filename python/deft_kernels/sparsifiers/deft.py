@@ -24,7 +24,7 @@ class DEFT(Sparsifier):
 
     name = "deft"
 
-    def __init__(self, density: float, cost_model="size_log_k") -> None:
+    def __init__(self, density: float, cost_model=planning.DEFAULT_COST_MODEL) -> None:
         super().__init__(density)
         if not (callable(cost_model) or cost_model in planning.COST_MODELS):
             raise ValueError(f"cost_model must be one of {sorted(planning.COST_MODELS)} or a callable, "

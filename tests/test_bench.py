@@ -1,0 +1,249 @@
+"""deft-bench (deft_kernels.bench): the CLI end to end on a small model, its densities and timings
+bookkeeping, the simulation against the real step, and its option errors."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from deft_kernels import bench, models, sparsifiers
+
+# NCF at its default size: 1.9M parameters, a forward + backward in milliseconds.
+SMALL = ["--model", "ncf", "--workers", "1", "2", "--repeats", "2", "--warmup", "1", "--no-progress",
+         "--distinct-gradients", "2", "--train-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main([*SMALL, "--out", str(out)]) == 0
+    stem = out / "worker_count_ncf_cpu"
+    return stem, json.loads(stem.with_suffix(".json").read_text())
+
+
+def test_cli_writes_table_json_and_png(cli_run):
+    stem, doc = cli_run
+    assert {"schema", "command", "machine", "config", "summary", "results"} <= set(doc)
+    for key in ("cpu_model", "cpu_count", "gpu", "torch", "triton", "deft_kernels", "torch_threads",
+                "openmp_threads", "load_average_start", "load_average_end"):
+        assert key in doc["machine"], key
+    config = doc["config"]
+    assert config["model"] == "ncf" and config["workers"] == [1, 2] and config["repeats"] == 2
+    assert doc["command"].startswith("deft-bench --model ncf --workers 1 2")
+    assert config["numel"] == sum(p.numel() for p in models.build("ncf")[0].parameters())
+    assert config["sparsifiers"] == bench.benchable()
+    assert {(r["sparsifier"], r["workers"]) for r in doc["results"]} == {
+        (name, n) for name in bench.benchable() for n in (1, 2)}
+    for r in doc["results"]:
+        assert len(r["steps"]) == 2 and r["t_select_ms"] > 0
+        assert 0 < r["density"] <= 1 and r["imbalance_measured"] >= 1
+    table = stem.with_suffix(".txt").read_text()
+    assert "selection time per worker" in table and "sent density" in table
+    png = stem.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.pyplot as plt
+    assert plt.imread(str(stem.with_suffix(".png"))).shape[0] > 100
+
+
+def test_critical_path_is_leader_plan_plus_slowest_select(cli_run):
+    _, doc = cli_run
+    for r in doc["results"]:
+        for s in r["steps"]:
+            assert s["leader"] == s["step"] % r["workers"]
+            expected = max(t + (s["t_plan"] if rank == s["leader"] else 0.0) for rank, t in enumerate(s["t_ranks"]))
+            assert s["t_select"] == pytest.approx(expected)
+            assert len(s["selected"]) == r["workers"]
+        assert r["t_slowest_rank_ms"] <= r["t_select_ms"] + 1e-9
+
+
+def test_topk_density_is_k_alone_and_grows_with_distinct_workers(cli_run):
+    _, doc = cli_run
+    topk = {r["workers"]: r for r in doc["results"] if r["sparsifier"] == "topk"}
+    budget = topk[1]["budget"]
+    assert budget == int(0.01 * doc["config"]["numel"])
+    assert all(s["sent"] == budget for s in topk[1]["steps"])
+    assert topk[1]["density"] == budget / doc["config"]["numel"]
+    # Two workers with different data: the union is larger than k (build-up), at most 2k.
+    assert all(budget < s["sent"] <= 2 * budget for s in topk[2]["steps"])
+    assert topk[2]["selected_per_worker_mean"] == budget
+
+
+def test_deft_sent_density_is_its_planned_total(cli_run):
+    _, doc = cli_run
+    deft = [r for r in doc["results"] if r["sparsifier"] == "deft"]
+    assert deft
+    for r in deft:
+        for s in r["steps"]:
+            assert s["planned"] is not None and s["sent"] == s["planned"]
+        assert r["density"] == r["sent"] / doc["config"]["numel"]
+        assert r["imbalance_model"] is not None
+        assert doc["summary"]["by_workers"][str(r["workers"])]["sent_equals_planned"]
+        assert r["planned"] == r["budget"]  # the spec's local k hands out exactly k = int(d * N)
+    assert doc["summary"]["density_exact"] and doc["summary"]["density_is_requested"]
+
+
+@pytest.mark.parametrize("name", bench.benchable())
+def test_simulation_of_one_worker_is_the_real_step(name):
+    """n = 1 needs no communication: the simulation must send exactly what Sparsifier.step sends,
+    step after step (the error feedback included)."""
+    work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
+    options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
+    sim = bench.simulate(name, 0.01, work, 1, warmup=0, repeats=3, options=options)
+    sp = sparsifiers.build(name, 0.01, **options)
+    real = [sp.step(work.grads[0], sizes=work.sizes)[1] for _ in range(3)]
+    assert [s["sent"] for s in sim["steps"]] == [st.sent for st in real]
+    assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
+
+
+def test_threshold_is_calibrated_to_k_and_recorded(cli_run):
+    g = torch.randn(10_000)
+    lam = bench.calibrated_threshold(g, 0.01)
+    assert int((g.abs() >= lam).sum()) == 100  # k = int(d * N), no ties in random floats
+    _, doc = cli_run
+    assert doc["config"]["threshold_calibrated"] and doc["config"]["threshold"] > 0
+    with pytest.raises(ValueError, match="needs a threshold"):
+        bench.sparsifier_options("threshold", None)
+    assert bench.sparsifier_options("topk", None) == {}
+
+
+def test_cpu_clock_leaves_out_time_the_thread_does_not_run():
+    """--clock cpu: a worker preempted (here: sleeping) is charged only for its own CPU time."""
+    import time as _time
+
+    wall, _ = bench._timed(torch.device("cpu"), bench.CLOCKS["wall"], _time.sleep, 0.05)
+    cpu, _ = bench._timed(torch.device("cpu"), bench.CLOCKS["cpu"], _time.sleep, 0.05)
+    assert wall >= 0.05 > 10 * cpu
+    work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r = bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="cpu")
+        assert r["t_select_ms"] > 0
+        with pytest.raises(ValueError, match="clock must be one of"):
+            bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="sundial")
+        if threads > 1:
+            torch.set_num_threads(2)
+            with pytest.raises(ValueError, match="needs a CPU device and one thread"):
+                bench.simulate("deft", 0.01, work, 2, warmup=0, repeats=1, clock="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_library_functions_name_bad_arguments():
+    work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
+    for kwargs, message in ((dict(n=0), "n must be an int >= 1"), (dict(warmup=-1), "warmup must be an int >= 0"),
+                            (dict(repeats=0), "repeats must be an int >= 1")):
+        args = dict(n=1, warmup=0, repeats=1) | kwargs
+        with pytest.raises(ValueError, match=message):
+            bench.simulate("topk", 0.01, work, args.pop("n"), **args)
+    with pytest.raises(TypeError, match="work must be a Workload"):
+        bench.simulate("topk", 0.01, work.grads, 1, warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="name must be one of"):
+        bench.simulate("nope", 0.01, work, 1, warmup=0, repeats=1)
+    with pytest.raises(ValueError, match="density must lie in"):
+        bench.calibrated_threshold(work.grads[0], 0)
+    with pytest.raises(ValueError, match="grad must be a non-empty float tensor"):
+        bench.calibrated_threshold(torch.zeros(0), 0.01)
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        bench.make_workload("ncf", distinct=0, seed=0, device="cpu")
+
+
+def test_summary_against_made_up_timings():
+    def row(n, ms, sent=100, planned=100):
+        return {"sparsifier": "deft", "workers": n, "t_select_ms": ms, "density": sent / 10_000, "budget": 100,
+                "steps": [{"sent": sent, "planned": planned}]}
+
+    s = bench.summarize([row(1, 8.0), row(2, 4.4), row(4, 2.6), row(32, 1.0)])
+    assert s["by_workers"]["2"]["ratio_to_ideal"] == pytest.approx(1.1)
+    assert s["by_workers"]["4"]["ratio_to_ideal"] == pytest.approx(1.3)
+    assert not s["scaling_target_met"]  # n = 4 is 1.3x its ideal; n = 32 is past the target's range
+    assert bench.summarize([row(1, 8.0), row(2, 4.4), row(32, 1.0)])["scaling_target_met"]
+    assert not bench.summarize([row(1, 8.0), row(2, 4.0, sent=101)])["density_exact"]
+    off_budget = bench.summarize([row(1, 8.0), row(2, 4.0, sent=101, planned=101)])
+    assert off_budget["density_exact"] and not off_budget["density_is_requested"]
+    assert bench.summarize([{**row(2, 1.0), "sparsifier": "topk"}]) == {}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "0"], "--workers: expected a positive integer"),
+    (["--workers", "two"], "--workers: expected a positive integer"),
+    (["--workers", "2", "2"], "--workers must not repeat"),
+    (["--sparsifiers", "nope"], "--sparsifiers: unknown sparsifier 'nope'"),
+    (["--sparsifiers", "dense"], "--sparsifiers: 'dense' selects nothing"),
+    (["--sparsifiers", "topk", "topk"], "--sparsifiers must not repeat"),
+    (["--density", "0"], r"--density: expected a number in \(0, 1\]"),
+    (["--density", "1.5"], r"--density: expected a number in \(0, 1\]"),
+    (["--repeats", "0"], "--repeats: expected a positive integer"),
+    (["--warmup", "-1"], "--warmup: expected a non-negative integer"),
+    (["--threads", "0"], "--threads: expected a positive integer"),
+    (["--distinct-gradients", "0"], "--distinct-gradients: expected a positive integer"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "meta"], "--device must be cpu or cuda"),
+    (["--model", "resnet51"], "--model must be one of"),
+    (["--seed", "x"], "--seed: invalid int value"),
+    (["--threshold", "0"], "--threshold: expected a positive number"),
+    (["--clock", "cpu", "--threads", "2"], "--clock cpu times the calling thread"),
+    (["--clock", "gpu"], "--clock: invalid choice"),
+    (["--threshold", "nan"], "--threshold: expected a positive number"),
+])
+def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err), message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_device_without_cuda_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path / "file")])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_broken_user_factory_exits_2_naming_model(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_factory_mod.py").write_text("def factory():\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--model", "broken_factory_mod:factory", "--workers", "1", "--out", str(tmp_path / "o"),
+                    "--no-progress"])
+    sys.modules.pop("broken_factory_mod", None)
+    assert exc.value.code == 2
+    assert "--model broken_factory_mod:factory" in capsys.readouterr().err
+
+
+def test_output_names():
+    assert bench.output_stem("resnet50", "cpu") == "worker_count_resnet50_cpu"
+    assert bench.output_stem("resnet50", "cuda:1") == "worker_count_resnet50_cuda"
+    assert bench.output_stem("my.models:factory", "cpu", "cpu") == "worker_count_my_models_factory_cpu_cputime"
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "deft-bench"]
+    assert ep.value == "deft_kernels.bench:main"
+
+
+def test_micro_benchmarks_run_from_bench_not_from_tests():
+    """`pytest bench/` runs the op micro-benchmarks in one command; the default run (`pytest`,
+    `pytest tests`) never collects them."""
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ini = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["testpaths"] == ["tests"]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q"], cwd=root,
+                               capture_output=True, text=True, timeout=120)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "bench/test_bench_ops.py::test_segmented_topk_deft[cpu]" in collected.stdout
+    assert "bench/test_bench_ops.py::test_segmented_topk_deft[cuda]" in collected.stdout  # skipped without CUDA
