@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"cost_models_{bench.output_stem(args.model, 'cpu').removeprefix('worker_count_')}"
     Path(f"{stem}.txt").write_text(text)
-    machine["load_average_end"] = __import__("os").getloadavg()
+    machine["load_average_end"] = os.getloadavg()
     Path(f"{stem}.json").write_text(json.dumps({"command": " ".join(shlex.quote(a) for a in sys.argv),
                                                 "machine": machine, "config": vars(args), "results": rows},
                                                indent=1) + "\n")

@@ -21,6 +21,7 @@ from common import (DENSITY, accumulate_norms_torch, resnet50_problem, sparse_un
                     topk_whole)
 import deft_kernels
 from deft_kernels import _C, ops
+from deft_kernels.bench import cpu_model
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -31,16 +32,6 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def same_selection(x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
