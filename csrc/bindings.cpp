@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
+#include "cpu/planning.h"
 
 namespace deft_kernels {
 namespace {
@@ -115,9 +116,66 @@ TORCH_LIBRARY_IMPL(deft_kernels, CPU, m) {
   m.impl("sparse_unpack", &sparse_unpack_cpu);
 }
 
+namespace {
+
+// Planning helpers for deft_kernels.planning, which checks the Python types; here the tensors are
+// brought to contiguous CPU form and the values are checked by the plain-array code.
+template <typename T>
+at::Tensor to_tensor(const std::vector<T>& v, at::ScalarType dtype) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, dtype);
+  std::copy(v.begin(), v.end(), t.data_ptr<T>());
+  return t;
+}
+
+std::vector<at::Tensor> to_tensors(const std::vector<std::vector<int64_t>>& bins) {
+  std::vector<at::Tensor> out;
+  out.reserve(bins.size());
+  for (const auto& b : bins) out.push_back(to_tensor(b, at::kLong));
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> plan_inputs(const at::Tensor& norms, const at::Tensor& sizes) {
+  TORCH_CHECK(norms.dim() == 1 && sizes.dim() == 1 && norms.numel() == sizes.numel(),
+              "norms and sizes must be 1-D with one entry per fragment");
+  return {norms.to(at::kCPU, at::kDouble).contiguous(), sizes.to(at::kCPU, at::kLong).contiguous()};
+}
+
+at::Tensor plan_local_k(const at::Tensor& norms, const at::Tensor& sizes, int64_t k_total) {
+  auto [n64, s64] = plan_inputs(norms, sizes);
+  return to_tensor(cpu::local_k(n64.const_data_ptr<double>(), s64.const_data_ptr<int64_t>(), n64.numel(), k_total),
+                   at::kLong);
+}
+
+std::vector<at::Tensor> plan_pack_bins(const at::Tensor& costs, int64_t world_size, const at::Tensor& candidates) {
+  TORCH_CHECK(costs.dim() == 1 && candidates.dim() == 1, "costs and candidates must be 1-D");
+  const at::Tensor c64 = costs.to(at::kCPU, at::kDouble).contiguous();
+  const at::Tensor cand = candidates.to(at::kCPU, at::kLong).contiguous();
+  return to_tensors(cpu::pack_bins(c64.const_data_ptr<double>(), c64.numel(), world_size,
+                                   cand.const_data_ptr<int64_t>(), cand.numel()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> plan_make(const at::Tensor& norms,
+                                                                                  const at::Tensor& sizes,
+                                                                                  int64_t k_total, int64_t world_size,
+                                                                                  const std::string& cost_model) {
+  auto [n64, s64] = plan_inputs(norms, sizes);
+  cpu::DeftPlanArrays plan = cpu::make_plan(n64.const_data_ptr<double>(), s64.const_data_ptr<int64_t>(), n64.numel(),
+                                            k_total, world_size, cost_model);
+  return {to_tensor(plan.k, at::kLong), to_tensor(plan.common, at::kLong), to_tensor(plan.costs, at::kDouble),
+          to_tensors(plan.bins)};
+}
+
+}  // namespace
 }  // namespace deft_kernels
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "deft_kernels compiled ops; importing this module registers torch.ops.deft_kernels.*";
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+  m.def("plan_local_k", &deft_kernels::plan_local_k, "local k by norm (deft_kernels.planning.local_k)",
+        pybind11::arg("norms"), pybind11::arg("sizes"), pybind11::arg("k_total"));
+  m.def("plan_pack_bins", &deft_kernels::plan_pack_bins, "LPT bin packing (deft_kernels.planning.pack_bins)",
+        pybind11::arg("costs"), pybind11::arg("world_size"), pybind11::arg("candidates"));
+  m.def("plan_make", &deft_kernels::plan_make,
+        "a whole DEFT plan with a named cost model (deft_kernels.planning.make_plan)", pybind11::arg("norms"), pybind11::arg("sizes"), pybind11::arg("k_total"), pybind11::arg("world_size"),
+        pybind11::arg("cost_model"));
 }

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deft_kernels import layouts, planning
+from deft_kernels import layouts, planning, reference
 from deft_kernels.sparsifiers import DEFT
 
 
@@ -125,7 +125,13 @@ def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed,
     ("norms must be a 1-D float", lambda: planning.local_k(torch.tensor([1, 2]), torch.tensor([1, 2]), 1)),
     ("sizes must be an int64 tensor", lambda: planning.local_k(torch.ones(2), torch.tensor([1]), 1)),
     ("k_total must be a non-negative int", lambda: planning.local_k(torch.ones(1), torch.tensor([1]), -1)),
+    ("norms must be non-negative", lambda: planning.local_k(torch.tensor([1.0, -1.0]), torch.tensor([1, 2]), 1)),
+    ("norms must be non-negative", lambda: planning.make_plan(torch.tensor([-1.0]), torch.tensor([4]), 1, 1)),
+    ("sizes must be non-negative", lambda: planning.local_k(torch.ones(2), torch.tensor([1, -2]), 1)),
+    ("k_total must be a non-negative int", lambda: planning.make_plan(torch.ones(1), torch.tensor([4]), -1, 1)),
+    ("world_size must be a positive int", lambda: planning.make_plan(torch.ones(1), torch.tensor([4]), 1, 0)),
     ("cost_model must be one of", lambda: planning.make_plan(torch.ones(1), torch.tensor([4]), 1, 1, "nope")),
+    ("cost_model must be one of", lambda: planning.make_plan(torch.ones(1), torch.tensor([4]), 1, 1, 3)),
     ("cost_model must be one of", lambda: DEFT(0.1, cost_model="nope")),
     ("rank must lie in", lambda: planning.bin_of(3, 0, 2)),
     ("loads must not be empty", lambda: planning.imbalance([])),
@@ -135,6 +141,7 @@ def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed,
      lambda: planning.common_fragments(torch.tensor([1.0]), torch.tensor([4]))),
     ("costs must be a 1-D real tensor", lambda: planning.pack_bins([1.0, 2.0], 2, torch.arange(2))),
     ("costs must be finite", lambda: planning.pack_bins(torch.tensor([1.0, float("nan")]), 2, torch.arange(2))),
+    ("costs must be finite", lambda: planning.pack_bins(torch.tensor([float("inf"), 1.0]), 2, torch.arange(1))),
     ("candidates must be a 1-D int64 tensor", lambda: planning.pack_bins(torch.ones(2), 2, [0, 1])),
     ("candidates must be distinct fragment ids in \\[0, 2\\)",
      lambda: planning.pack_bins(torch.ones(2), 2, torch.tensor([0, 2]))),
@@ -146,3 +153,77 @@ def test_deft_phases_simulated_ranks_send_exactly_sum_k_without_duplicates(seed,
 def test_bad_input_names_the_argument(match, call):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def _random_plan_inputs(gen: torch.Generator, case: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Norms, sizes and a budget for the C++-vs-reference checks: every kind of layout the planner
+    meets, with ties, zeros, empty fragments, non-finite norms and budgets from 0 past N."""
+    num = int(torch.randint(1, 600, (1,), generator=gen))
+    sizes = torch.randint(0, 5000, (num,), generator=gen)
+    if case == "tiny":
+        sizes = torch.randint(0, 4, (num,), generator=gen)
+    elif case == "huge":
+        sizes[int(torch.randint(0, num, (1,), generator=gen))] = 10_000_000
+    norms = torch.rand(num, generator=gen, dtype=torch.float64) * sizes.double().sqrt()
+    if case == "ties":
+        norms = torch.randint(0, 3, (num,), generator=gen).double()  # many equal norms, zeros
+        sizes = torch.full((num,), int(torch.randint(1, 50, (1,), generator=gen)))
+    elif case == "non_finite":
+        norms[torch.randint(0, num, (3,), generator=gen)] = float("nan")
+        norms[torch.randint(0, num, (2,), generator=gen)] = float("inf")
+    elif case == "zeros":
+        norms[torch.rand(num, generator=gen) < 0.5] = 0.0
+    total = int(sizes.sum())
+    budget = [0, 1, num // 2, max(1, total // 100), total // 3, total, total + 7][int(torch.randint(0, 7, (1,), generator=gen))]
+    return norms.float() if case == "fp32" else norms, sizes, budget
+
+
+CASES = ["random", "tiny", "huge", "ties", "non_finite", "zeros", "fp32"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_local_k_in_cpp_equals_the_python_reference(seed, case):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        norms, sizes, budget = _random_plan_inputs(gen, case)
+        assert torch.equal(planning.local_k(norms, sizes, budget), reference.local_k(norms, sizes, budget))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 64])
+def test_pack_bins_in_cpp_equals_the_python_reference(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(20):
+        num = int(torch.randint(0, 500, (1,), generator=gen))
+        costs = torch.randn(num, generator=gen, dtype=torch.float64) * 100  # negative costs too
+        if trial % 2:
+            costs = torch.randint(0, 4, (num,), generator=gen).double()  # heavy ties
+        candidates = torch.randperm(num, generator=gen)[: int(torch.randint(0, num + 1, (1,), generator=gen))]
+        got = planning.pack_bins(costs, n, candidates)
+        want = reference.pack_bins(costs, n, candidates)
+        assert [b.tolist() for b in got] == [b.tolist() for b in want]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+@pytest.mark.parametrize("cost_model", sorted(planning.COST_MODELS))
+@pytest.mark.parametrize("case", CASES)
+def test_make_plan_in_one_cpp_call_equals_the_reference_rules(seed, n, cost_model, case):
+    """A named cost model makes the whole plan in C++; it must equal the plan built step by step
+    from the plain-Python references and the torch cost models."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        norms, sizes, budget = _random_plan_inputs(gen, case)
+        plan = planning.make_plan(norms, sizes, budget, n, cost_model)
+        k = reference.local_k(norms, sizes, budget)
+        assert torch.equal(plan.k, k)
+        assert torch.equal(plan.common, planning.common_fragments(k, sizes))
+        # std::log2 in C++, torch.log2 here: equal to within an ulp
+        torch.testing.assert_close(plan.costs, planning.COST_MODELS[cost_model](sizes, k), rtol=4e-16, atol=0)
+        selectable = torch.nonzero((k > 0) & (k < sizes)).flatten()
+        want = reference.pack_bins(plan.costs, n, selectable)
+        assert [b.tolist() for b in plan.bins] == [b.tolist() for b in want]
+        assert plan.sent_count == int(k.sum())
+        # the callable path (local_k, the model, pack_bins) gives the same plan
+        by_callable = planning.make_plan(norms, sizes, budget, n, planning.COST_MODELS[cost_model])
+        assert torch.equal(by_callable.k, plan.k) and torch.equal(by_callable.common, plan.common)
+        if cost_model == "size":
+            assert [b.tolist() for b in by_callable.bins] == [b.tolist() for b in plan.bins]

@@ -21,11 +21,12 @@ Everything here runs on CPU tensors and Python numbers; plans are small (one ent
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from . import _C
 
 __all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
            "cost_size_log_k", "cost_size",
@@ -91,32 +92,22 @@ def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Ten
     carried to the plan): a fragment whose norm is NaN or inf is sent whole (``k_f = size_f``), so
     the non-finite values reach the averaged gradient where the user's check sees them; the rest of
     the budget is shared among the finite fragments as usual. Raising instead would stop only the
-    leader and leave the other workers waiting in the broadcast."""
+    leader and leave the other workers waiting in the broadcast.
+
+    Runs in C++ (``_C.plan_local_k``: it is on every step's critical path);
+    :func:`deft_kernels.reference.local_k` is the same rule in plain Python, and the tests check
+    that both give identical results."""
+    _check_local_k_args(norms, sizes, k_total)
+    return _C.plan_local_k(norms.detach(), sizes, k_total)
+
+
+def _check_local_k_args(norms, sizes, k_total) -> None:
     if not isinstance(norms, torch.Tensor) or not norms.is_floating_point() or norms.dim() != 1:
         raise TypeError("norms must be a 1-D float tensor")
     if not isinstance(sizes, torch.Tensor) or sizes.dtype != torch.int64 or sizes.shape != norms.shape:
         raise TypeError(f"sizes must be an int64 tensor shaped like norms {tuple(norms.shape)}")
-    if not isinstance(k_total, int) or k_total < 0:
+    if not isinstance(k_total, int) or isinstance(k_total, bool) or k_total < 0:
         raise ValueError(f"k_total must be a non-negative int, got {k_total!r}")
-    norms64 = norms.detach().to("cpu", torch.float64)
-    finite = torch.isfinite(norms64)
-    if bool((norms64[finite] < 0).any()):
-        raise ValueError("norms must be non-negative")
-    size_list = sizes.tolist()
-    finite_list = finite.tolist()  # Python lists from here: a tensor index per fragment costs microseconds
-    k = [size_list[f] if not ok else 0 for f, ok in enumerate(finite_list)]
-    norms64 = torch.where(finite, norms64, torch.zeros_like(norms64))
-    order = [f for f in torch.sort(-norms64, stable=True).indices.tolist() if finite_list[f]]  # descending
-    norm_list = norms64.tolist()
-    remaining_k, remaining_norm = max(0, k_total - sum(k)), float(norms64.sum())
-    for f in order:
-        share = int(remaining_k * norm_list[f] / remaining_norm) if remaining_norm > 0 else 0
-        k_f = size_list[f] if share > size_list[f] else max(1, share)
-        k_f = min(k_f, size_list[f])  # an empty fragment gets nothing
-        k[f] = k_f
-        remaining_k -= k_f
-        remaining_norm -= norm_list[f]
-    return torch.tensor(k, dtype=torch.int64)
 
 
 def _check_sizes_and_k(sizes, k) -> None:
@@ -156,26 +147,18 @@ def common_fragments(k: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 def pack_bins(costs: torch.Tensor, world_size: int, candidates: torch.Tensor) -> list[torch.Tensor]:
     """LPT: the ``candidates`` (fragment ids) by descending cost (ties: lower id) each into the
-    lightest of ``world_size`` bins (ties: lowest bin id). Returns the bins' fragment ids, sorted."""
+    lightest of ``world_size`` bins (ties: lowest bin id). Returns the bins' fragment ids, sorted.
+
+    Runs in C++; :func:`deft_kernels.reference.pack_bins` is the plain-Python twin the tests hold
+    it to."""
     n = _check_world_size(world_size)
     if not isinstance(costs, torch.Tensor) or costs.dim() != 1 or costs.dtype == torch.bool or costs.is_complex():
         raise TypeError("costs must be a 1-D real tensor (one entry per fragment)")
-    if not bool(torch.isfinite(costs).all()):  # negative is allowed: fitted cost models can dip below 0
-        raise ValueError("costs must be finite")
     if not isinstance(candidates, torch.Tensor) or candidates.dtype != torch.int64 or candidates.dim() != 1:
         raise TypeError("candidates must be a 1-D int64 tensor of fragment ids")
-    cand, num_frags = candidates.tolist(), costs.numel()
-    if (cand and not (0 <= min(cand) and max(cand) < num_frags)) or len(set(cand)) != len(cand):
-        raise ValueError(f"candidates must be distinct fragment ids in [0, {num_frags})")
-    cost = costs.double().tolist()
-    cand.sort(key=lambda f: (-cost[f], f))
-    heap = [(0.0, b) for b in range(n)]
-    bins: list[list[int]] = [[] for _ in range(n)]
-    for f in cand:
-        load, b = heapq.heappop(heap)
-        bins[b].append(f)
-        heapq.heappush(heap, (load + cost[f], b))
-    return [torch.tensor(sorted(b), dtype=torch.int64) for b in bins]
+    # Costs must be finite (negative is allowed: fitted cost models can dip below 0); candidates
+    # distinct and in range. Checked, and packed, in C++ (_C.plan_pack_bins).
+    return _C.plan_pack_bins(costs, n, candidates)
 
 
 def bin_of(rank: int, step: int, world_size: int) -> int:
@@ -239,18 +222,26 @@ class DeftPlan:
 
 def make_plan(norms: torch.Tensor, sizes: torch.Tensor, k_total: int, world_size: int,
               cost_model: str | CostModel = DEFAULT_COST_MODEL) -> DeftPlan:
-    """Local k by norm, the common part and LPT bins (spec steps 4 and 5)."""
-    model = COST_MODELS.get(cost_model) if isinstance(cost_model, str) else cost_model
-    if model is None or not callable(model):
+    """Local k by norm, the common part and LPT bins (spec steps 4 and 5).
+
+    With a named cost model the whole plan is made in one C++ call (``_C.plan_make``): it is on
+    every step's critical path, where a few hundred fragments cost about 1 ms of Python and torch
+    calls. A callable cost model goes through :func:`local_k`, the model and :func:`pack_bins`."""
+    if not (cost_model in COST_MODELS if isinstance(cost_model, str) else callable(cost_model)):
         raise ValueError(f"cost_model must be one of {sorted(COST_MODELS)} or a callable, got {cost_model!r}")
     if not isinstance(sizes, torch.Tensor) or sizes.dim() != 1 or sizes.is_floating_point():
         raise TypeError("sizes must be a 1-D integer tensor (one entry per fragment)")
     sizes = sizes.to("cpu", torch.int64)
+    n = _check_world_size(world_size)
+    if isinstance(cost_model, str):
+        _check_local_k_args(norms, sizes, k_total)
+        k, common, costs, bins = _C.plan_make(norms.detach(), sizes, k_total, n, cost_model)
+        return DeftPlan(sizes=sizes, k=k, bins=bins, common=common, costs=costs)
     k = local_k(norms, sizes, k_total)
-    common = common_fragments(k, sizes)
-    costs = model(sizes, k)
+    costs = cost_model(sizes, k)
     if not isinstance(costs, torch.Tensor) or costs.shape != sizes.shape or costs.dtype == torch.bool:
         raise TypeError(f"cost_model must return a real tensor shaped like sizes {tuple(sizes.shape)}")
     costs = costs.double()
     selectable = torch.nonzero((k > 0) & (k < sizes)).flatten()
-    return DeftPlan(sizes=sizes, k=k, bins=pack_bins(costs, world_size, selectable), common=common, costs=costs)
+    return DeftPlan(sizes=sizes, k=k, bins=pack_bins(costs, n, selectable), common=common_fragments(k, sizes),
+                    costs=costs)

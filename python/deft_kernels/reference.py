@@ -13,9 +13,12 @@ where the user's NaN check sees it, instead of hiding in the residual), and ties
 
 from __future__ import annotations
 
+import heapq
+import math
+
 import torch
 
-__all__ = ["magnitude_key", "accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack"]
+__all__ = ["magnitude_key", "accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack", "local_k", "pack_bins"]
 
 _INT_VIEW = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF),
              torch.float16: (torch.int16, 0x7FFF)}
@@ -71,3 +74,41 @@ def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.T
     out[indices] = (values.float() * scale).to(residual.dtype)
     residual[indices] = 0
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The leader's planning rules (DEFT_SPEC.md steps 4 and 5), which deft_kernels.planning runs in C++.
+
+
+def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Per-fragment k sharing ``k_total`` by norm (:func:`deft_kernels.planning.local_k`): fragments
+    by descending norm (ties: lower id) each take ``int(remaining_k * norm / remaining_norm)``,
+    clamped to ``[1, size]``; a NaN or inf norm sends its fragment whole. ``remaining_norm`` starts
+    as the sum of the finite norms in fragment order (float64, left to right)."""
+    norm = [float(v) for v in norms.tolist()]
+    size = [int(s) for s in sizes.tolist()]
+    finite = [math.isfinite(v) for v in norm]
+    norm = [v if ok else 0.0 for v, ok in zip(norm, finite)]
+    k = [0 if ok else s for s, ok in zip(size, finite)]
+    remaining_k, remaining_norm = max(0, k_total - sum(k)), 0.0
+    for v in norm:
+        remaining_norm += v
+    for f in sorted((f for f in range(len(norm)) if finite[f]), key=lambda f: (-norm[f], f)):
+        share = int(remaining_k * norm[f] / remaining_norm) if remaining_norm > 0 else 0
+        k[f] = min(size[f] if share > size[f] else max(1, share), size[f])
+        remaining_k -= k[f]
+        remaining_norm -= norm[f]
+    return torch.tensor(k, dtype=torch.int64)
+
+
+def pack_bins(costs: torch.Tensor, world_size: int, candidates: torch.Tensor) -> list[torch.Tensor]:
+    """LPT (:func:`deft_kernels.planning.pack_bins`): candidates by descending cost (ties: lower
+    id), each into the lightest bin (ties: lowest bin id); each bin's ids ascending."""
+    cost = costs.double().tolist()
+    heap = [(0.0, b) for b in range(world_size)]
+    bins: list[list[int]] = [[] for _ in range(world_size)]
+    for f in sorted(candidates.tolist(), key=lambda f: (-cost[f], f)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(f)
+        heapq.heappush(heap, (load + cost[f], b))
+    return [torch.tensor(sorted(b), dtype=torch.int64) for b in bins]
