@@ -176,6 +176,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("plan_pack_bins", &deft_kernels::plan_pack_bins, "LPT bin packing (deft_kernels.planning.pack_bins)",
         pybind11::arg("costs"), pybind11::arg("world_size"), pybind11::arg("candidates"));
   m.def("plan_make", &deft_kernels::plan_make,
-        "a whole DEFT plan with a named cost model (deft_kernels.planning.make_plan)", pybind11::arg("norms"), pybind11::arg("sizes"), pybind11::arg("k_total"), pybind11::arg("world_size"),
-        pybind11::arg("cost_model"));
+        "a whole DEFT plan with a named cost model (deft_kernels.planning.make_plan)", pybind11::arg("norms"),
+        pybind11::arg("sizes"), pybind11::arg("k_total"), pybind11::arg("world_size"), pybind11::arg("cost_model"));
 }

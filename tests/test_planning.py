@@ -174,7 +174,8 @@ def _random_plan_inputs(gen: torch.Generator, case: str) -> tuple[torch.Tensor, 
     elif case == "zeros":
         norms[torch.rand(num, generator=gen) < 0.5] = 0.0
     total = int(sizes.sum())
-    budget = [0, 1, num // 2, max(1, total // 100), total // 3, total, total + 7][int(torch.randint(0, 7, (1,), generator=gen))]
+    budgets = [0, 1, num // 2, max(1, total // 100), total // 3, total, total + 7]
+    budget = budgets[int(torch.randint(0, len(budgets), (1,), generator=gen))]
     return norms.float() if case == "fp32" else norms, sizes, budget
 
 
