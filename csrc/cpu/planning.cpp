@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <numeric>
 #include <queue>
 #include <stdexcept>
 #include <string>
@@ -24,12 +23,15 @@ std::vector<int64_t> local_k(const double* norms, const int64_t* sizes, int64_t 
   if (k_total < 0) throw std::invalid_argument("k_total must be a non-negative int, got " + std::to_string(k_total));
   std::vector<int64_t> k(num_frags, 0);
   std::vector<double> norm(num_frags);
+  std::vector<int64_t> order;  // the fragments with a finite norm, sorted below
+  order.reserve(num_frags);
   int64_t whole = 0;  // budget taken by fragments with a NaN or inf norm: sent whole
   for (int64_t f = 0; f < num_frags; ++f) {
     if (sizes[f] < 0) throw std::invalid_argument("sizes must be non-negative");
     if (std::isfinite(norms[f])) {
       if (norms[f] < 0) throw std::invalid_argument("norms must be non-negative");
       norm[f] = norms[f];
+      order.push_back(f);
     } else {
       norm[f] = 0.0;
       k[f] = sizes[f];
@@ -37,10 +39,6 @@ std::vector<int64_t> local_k(const double* norms, const int64_t* sizes, int64_t 
     }
   }
   // Descending norm; equal norms: lower fragment id first (a stable sort of the ids).
-  std::vector<int64_t> order;
-  order.reserve(num_frags);
-  for (int64_t f = 0; f < num_frags; ++f)
-    if (std::isfinite(norms[f])) order.push_back(f);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return norm[a] > norm[b]; });
   double remaining_norm = 0.0;  // in fragment order, non-finite ones as 0.0, as the reference sums
   for (int64_t f = 0; f < num_frags; ++f) remaining_norm += norm[f];
