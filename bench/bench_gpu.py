@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     import triton
     import triton.testing
 
-    from deft_kernels import layouts
+    from deft_kernels.benchmarks import layouts
 
     def do_bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")

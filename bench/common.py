@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deft_kernels import layouts, ops
+from deft_kernels import ops, planning
+from deft_kernels.benchmarks import layouts
 
 DENSITY = 0.01
 
@@ -37,7 +38,7 @@ def resnet50_problem(device: str = "cpu", dtype: torch.dtype = torch.float32, de
     gen = torch.Generator().manual_seed(seed)
     sizes = [n for _, n in layouts.resnet50_layout()]
     n = sum(sizes)
-    offsets = torch.tensor(layouts.offsets_of(sizes), device=device)
+    offsets = torch.tensor(planning.offsets_of(sizes), device=device)
     k = torch.tensor(local_k(sizes, density), device=device)
     grad = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     residual = torch.randn(n, generator=gen).to(device=device, dtype=dtype)

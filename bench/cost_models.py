@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from deft_kernels import bench, ops, planning
+from deft_kernels import ops, planning
+from deft_kernels.benchmarks import worker_count as bench
 
 
 def interleaved_medians(calls: list, repeats: int, clock) -> list[float]:

@@ -5,7 +5,7 @@ against DEFT's exact budget.
     .venv/bin/python bench/density.py [--workers 2 4] [--density 0.01] [--steps 5] [--scale 0.02]
                                       [--correlation 0.0] [--json bench/results/density.json]
 
-Gradients are layout-shaped: the ResNet-50 layout (``deft_kernels.layouts``) with every tensor
+Gradients are layout-shaped: the ResNet-50 layout (``deft_kernels.benchmarks.layouts``) with every tensor
 scaled to ``--scale`` of its size, each tensor with its own magnitude (``exp(N(0, 1))``, the layer
 norm differences DEFT exploits); worker ``r``'s gradient at step ``t`` is
 ``sqrt(c) * shared_t + sqrt(1 - c) * own_{r,t}`` with ``c = --correlation`` (0: independent workers,
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deft_kernels import layouts
+from deft_kernels.benchmarks import layouts
 from deft_kernels.sparsifiers import build
 
 TIMEOUT_S = 300

@@ -21,7 +21,7 @@ from common import (DENSITY, accumulate_norms_torch, resnet50_problem, sparse_un
                     topk_whole)
 import deft_kernels
 from deft_kernels import _C, ops
-from deft_kernels.bench import cpu_model
+from deft_kernels.benchmarks.worker_count import cpu_model
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -5,7 +5,7 @@
 Both sides get the same real gradients (computed once here, saved, and loaded by every rank: rank
 ``r`` holds gradient ``r mod P`` in both) and run the same steps (``--warmup`` + ``--repeats``) of
 every sparsifier. The real side is ``Sparsifier.step`` in ``n`` processes on 127.0.0.1 (gloo), each
-with ``torch.set_num_threads(--threads)``, the simulation ``deft_kernels.bench.simulate`` with the
+with ``torch.set_num_threads(--threads)``, the simulation ``deft_kernels.benchmarks.worker_count.simulate`` with the
 same thread count. Per measured step it compares:
 
 - **sent count** (the global index set): must be equal, step by step. Both sides run the same kernels
@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deft_kernels import bench, sparsifiers
+from deft_kernels import sparsifiers
+from deft_kernels.benchmarks import worker_count as bench
 
 
 def free_port() -> int:

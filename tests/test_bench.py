@@ -1,4 +1,4 @@
-"""deft-bench (deft_kernels.bench): the CLI end to end on a small model, its densities and timings
+"""deft-bench (deft_kernels.benchmarks.worker_count): the CLI end to end on a small model, its densities and timings
 bookkeeping, the simulation against the real step, and its option errors."""
 
 import json
@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from deft_kernels import bench, models, sparsifiers
+from deft_kernels import sparsifiers
+from deft_kernels.benchmarks import models
+from deft_kernels.benchmarks import worker_count as bench
 
 # NCF at its default size: 1.9M parameters, a forward + backward in milliseconds.
 SMALL = ["--model", "ncf", "--workers", "1", "2", "--repeats", "2", "--warmup", "1", "--no-progress",
@@ -229,7 +231,7 @@ def test_console_script_is_declared():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "deft-bench"]
-    assert ep.value == "deft_kernels.bench:main"
+    assert ep.value == "deft_kernels.benchmarks.worker_count:main"
 
 
 def test_micro_benchmarks_run_from_bench_not_from_tests():

@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from deft_kernels import layouts, models
+from deft_kernels.benchmarks import layouts, models
 
 
 def layout_of(model):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deft_kernels import layouts, planning, reference
+from deft_kernels import planning, reference
+from deft_kernels.benchmarks import layouts
 from deft_kernels.sparsifiers import DEFT
 
 

@@ -11,6 +11,7 @@ Layers, data flowing one way (each module's docstring explains its terms):
 - ``deft_kernels.simulate``: ``n`` workers in one process on the reference ops, the tests' oracle.
 - Integrations: ``deft_kernels.hook`` (``DeftState`` + ``deft_hook``, a DDP communication hook) and
   ``deft_kernels.training`` (``GradientSparsifier``, for training loops without DDP).
+- ``deft_kernels.benchmarks``: the ``deft-bench`` CLI, its models and layouts; not imported here.
 """
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)

@@ -28,11 +28,19 @@ import torch
 
 from . import _C
 
-__all__ = ["fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
+__all__ = ["offsets_of", "fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
            "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def offsets_of(sizes) -> list[int]:
+    """Prefix sums ``[0, s0, s0+s1, ...]`` of a list of sizes (or of ``(name, size)`` pairs)."""
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + (s[1] if isinstance(s, tuple) else s))
+    return out
 
 
 def _check_sizes(sizes: Sequence[int]) -> list[int]:

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..layouts import offsets_of
+from ..planning import offsets_of
 
 #: The ops that ``plan`` and ``select`` call, validation off: their inputs come from the planner,
 #: valid by construction. Same signatures as :mod:`deft_kernels.reference`.

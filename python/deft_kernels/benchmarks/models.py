@@ -14,7 +14,7 @@ name           model                                                            
 =============  ===============================================================  ============
 
 (parameter counts at the default sizes and 10 classes). ``resnet50`` and ``gpt2`` have exactly the
-parameter layouts of :mod:`deft_kernels.layouts` (``resnet50_layout(num_classes, stem_kernel=3)``
+parameter layouts of :mod:`deft_kernels.benchmarks.layouts` (``resnet50_layout(num_classes, stem_kernel=3)``
 and ``gpt2_small_layout``), names and order included.
 
 A *workload* is what the benchmark needs: ``(model, loss_fn)`` where ``loss_fn(model)`` draws a new
@@ -83,7 +83,7 @@ def ncf_batch(batch_size: int, num_users: int, num_items: int) -> tuple[torch.Te
 
 
 # --------------------------------------------------------------------------------------------------
-# ResNets. Parameter names follow deft_kernels.layouts: a convolution owns its weight and its
+# ResNets. Parameter names follow deft_kernels.benchmarks.layouts: a convolution owns its weight and its
 # batch norm (``conv1.weight``, ``conv1.bn.weight``), so the two describe the same tensors in order.
 
 
@@ -245,7 +245,7 @@ def ncf(num_users: int = 6040, num_items: int = 3706, factors: int = 64, mlp: tu
 
 
 # --------------------------------------------------------------------------------------------------
-# GPT-2 (names and order of deft_kernels.layouts.gpt2_small_layout; output head tied to wte).
+# GPT-2 (names and order of deft_kernels.benchmarks.layouts.gpt2_small_layout; output head tied to wte).
 
 
 class _Attention(nn.Module):

@@ -1,12 +1,12 @@
 """Parameter layouts (tensor names and sizes, in ``model.parameters()`` order) of reference models,
 computed from their architecture alone: benchmarks of the ops need the layout, not the model.
 
-``deft_kernels.models`` builds the actual modules; a test checks that they agree.
+``deft_kernels.benchmarks.models`` builds the actual modules; a test checks that they agree.
 """
 
 from __future__ import annotations
 
-__all__ = ["resnet50_layout", "gpt2_small_layout", "offsets_of"]
+__all__ = ["resnet50_layout", "gpt2_small_layout"]
 
 
 def _bottleneck_stage(prefix: str, in_ch: int, width: int, blocks: int) -> tuple[list[tuple[str, int]], int]:
@@ -48,10 +48,3 @@ def gpt2_small_layout(vocab: int = 50257, context: int = 1024, dim: int = 768, l
                    (f"{p}.mlp.c_proj.weight", 4 * dim * dim), (f"{p}.mlp.c_proj.bias", dim)]
     return layout + [("ln_f.weight", dim), ("ln_f.bias", dim)]
 
-
-def offsets_of(sizes) -> list[int]:
-    """Prefix sums ``[0, s0, s0+s1, ...]`` of a list of sizes (or of ``(name, size)`` pairs)."""
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + (s[1] if isinstance(s, tuple) else s))
-    return out

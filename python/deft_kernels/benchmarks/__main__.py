@@ -1,0 +1,5 @@
+import sys
+
+from .worker_count import main
+
+sys.exit(main())
