@@ -57,19 +57,17 @@ at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offse
     TORCH_CHECK(kp[f] >= 0 && kp[f] <= o[f + 1] - o[f], "k[", f, "] = ", kp[f], " must lie in [0, ", o[f + 1] - o[f],
                 "] (the size of fragment ", f, ")");
   at::Tensor fr;
-  const int64_t* fp = nullptr;
-  int64_t num_listed = num_frags;
+  cuda::FragmentList listed = cuda::all_fragments(num_frags);
   if (fragments.has_value()) {
     fr = host_index_vector(*fragments, "fragments", values);
-    fp = fr.const_data_ptr<int64_t>();
-    num_listed = fr.numel();
-    for (int64_t i = 0; i < num_listed; ++i)
-      TORCH_CHECK(fp[i] >= 0 && fp[i] < num_frags, "fragments[", i, "] = ", fp[i], " is not a fragment id in [0, ",
-                  num_frags, ")");
+    listed = cuda::listed_fragments(fr.const_data_ptr<int64_t>(), fr.numel());
+    for (int64_t i = 0; i < listed.count; ++i)
+      TORCH_CHECK(listed[i] >= 0 && listed[i] < num_frags, "fragments[", i, "] = ", listed[i],
+                  " is not a fragment id in [0, ", num_frags, ")");
   }
 
   const auto width = dtype == at::kFloat ? cuda::KeyWidth::k32 : cuda::KeyWidth::k16;
-  const cuda::TopkPlan plan = cuda::make_topk_plan(o, num_frags, kp, fp, num_listed, cuda::key_levels(width));
+  const cuda::TopkPlan plan = cuda::make_topk_plan(o, kp, listed, cuda::key_levels(width));
   at::Tensor out = at::empty({plan.total_out}, values.options().dtype(at::kLong));
   if (plan.total_out == 0) return out;
 

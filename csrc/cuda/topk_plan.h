@@ -74,17 +74,28 @@ inline int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 inline int64_t candidate_cap(int64_t size) { return std::min(size, std::max(size / kCandidateShare, kMinCandidates)); }
 
-// offsets: F + 1 entries; k: F entries; frags: the listed fragment ids (num_listed of them), or
-// nullptr for all F in order. `levels` is the number of radix digits of the dtype's key (3 for
-// fp32, 2 for 16-bit types). Arguments must already be valid (see ops_cuda.cpp).
-inline TopkPlan make_topk_plan(const int64_t* offsets, int64_t num_frags, const int64_t* k, const int64_t* frags,
-                               int64_t num_listed, int levels) {
-  if (frags == nullptr) num_listed = num_frags;
+// The fragments a call selects from: every fragment in order, or an explicit list of ids. An empty
+// list selects nothing; "all" is its own case, never inferred from a null pointer (an empty tensor
+// has a null data pointer).
+struct FragmentList {
+  bool all;
+  const int64_t* ids;  // the ids when !all (may be null when count == 0)
+  int64_t count;
+  int64_t operator[](int64_t i) const { return all ? i : ids[i]; }
+};
+
+inline FragmentList all_fragments(int64_t num_frags) { return {true, nullptr, num_frags}; }
+inline FragmentList listed_fragments(const int64_t* ids, int64_t count) { return {false, ids, count}; }
+
+// offsets: F + 1 entries; k: F entries. `levels` is the number of radix digits of the dtype's key
+// (3 for fp32, 2 for 16-bit types). Arguments must already be valid (see ops_cuda.cpp).
+inline TopkPlan make_topk_plan(const int64_t* offsets, const int64_t* k, FragmentList frags, int levels) {
+  const int64_t num_listed = frags.count;
   std::vector<int64_t> sm_begin, sm_end, sm_k, sm_out, group_first;
   std::vector<int64_t> lg_begin, lg_end, lg_k, lg_out, lg_tile_first{0}, lg_cap, lg_cand_base, tile_seg;
   int64_t out = 0, group_size = 0, cand_total = 0;
   for (int64_t i = 0; i < num_listed; ++i) {
-    const int64_t f = frags ? frags[i] : i;
+    const int64_t f = frags[i];
     const int64_t begin = offsets[f], end = offsets[f + 1], kf = k[f];
     if (kf > 0) {
       if (end - begin <= kTile) {

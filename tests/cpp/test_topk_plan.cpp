@@ -24,17 +24,17 @@ static void check_plan(const std::vector<int64_t>& sizes, const std::vector<int6
   std::vector<int64_t> off{0};
   for (int64_t s : sizes) off.push_back(off.back() + s);
   const int64_t F = static_cast<int64_t>(sizes.size());
-  const TopkPlan plan = make_topk_plan(off.data(), F, k.data(), frags ? frags->data() : nullptr,
-                                       frags ? static_cast<int64_t>(frags->size()) : 0, levels);
+  const FragmentList listed =
+      frags ? listed_fragments(frags->data(), static_cast<int64_t>(frags->size())) : all_fragments(F);
+  const TopkPlan plan = make_topk_plan(off.data(), k.data(), listed, levels);
   const PlanLayout& L = plan.layout;
   const int64_t* d = plan.data.data();
   CHECK(static_cast<int64_t>(plan.data.size()) == L.size);
 
   // Walk the listed fragments in order; small and large segments must appear in the same order.
   int64_t out = 0, si = 0, li = 0, cand = 0;
-  const int64_t listed = frags ? static_cast<int64_t>(frags->size()) : F;
-  for (int64_t i = 0; i < listed; ++i) {
-    const int64_t f = frags ? (*frags)[i] : i;
+  for (int64_t i = 0; i < listed.count; ++i) {
+    const int64_t f = listed[i];
     const int64_t n = sizes[f];
     if (k[f] > 0) {
       if (n <= kTile) {
@@ -112,8 +112,12 @@ int main() {
   check_plan(tiny, k, nullptr, 3);
   std::vector<int64_t> off{0};
   for (int64_t s : tiny) off.push_back(off.back() + s);
-  const TopkPlan plan = make_topk_plan(off.data(), 5000, k.data(), nullptr, 0, 3);
+  const TopkPlan plan = make_topk_plan(off.data(), k.data(), all_fragments(5000), 3);
   CHECK(plan.layout.num_groups == (5000 + kGroupSegments - 1) / kGroupSegments);
+  // An empty list selects nothing (an empty tensor's data pointer is null: not "all").
+  const std::vector<int64_t> none;
+  CHECK(make_topk_plan(off.data(), k.data(), listed_fragments(none.data(), 0), 3).total_out == 0);
+  check_plan(tiny, k, &none, 3);
   std::puts("topk_plan: ok");
   return 0;
 }
