@@ -13,8 +13,8 @@
 // lower digits (10 bits, 7) are resolved on the surviving candidates only, and a last pass writes
 // the winners. What differs is where the candidates come from: a block holds its tile in registers,
 // so after the tile's own top-digit histogram it already knows which of its elements can plausibly
-// win, and it stores those (the tile's bins from the one holding its (2 x its share of k)-th largest
-// key up, at most `cap`) in its slot in the same pass. When the segment's bin turns out to be at or
+// win, and it stores those (the tile's bins from the one holding its (3 x its share of k)-th largest
+// key up, at most `cap`; topk_plan.h) in its slot in the same pass. When the segment's bin turns out to be at or
 // above the lowest bin a tile kept, the tile is *complete*: every element that can still win is in
 // its slot and the data is never read again. A tile where the segment's bin lies lower (it holds
 // far more than its share of the winners, or heavy ties) is *incomplete* and re-reads its data in
