@@ -110,4 +110,40 @@ __device__ __forceinline__ BinChoice warp_choose_bin(Count count, int64_t need) 
   return BinChoice{__shfl_sync(kFullMask, bin, owner), __shfl_sync(kFullMask, left, owner)};
 }
 
+// Block-wide, for each of N needs (1 <= need <= the histogram's sum): the bin holding the need-th
+// largest entry and how many of its entries are still to be taken. Thread t owns kRun consecutive
+// bins from the top (threads past the bins own none); one block scan of the runs' sums tells each
+// need's owner, which walks its run in registers. Every thread of the block calls it and gets the
+// answers. `scratch`: kWarps shared values; `answer`: N shared BinChoices.
+template <int kBins, int N, class Count>
+__device__ __forceinline__ void block_choose_bins(Count count, const int64_t (&need)[N], BinChoice (&out)[N],
+                                                  int64_t* scratch, BinChoice* answer) {
+  constexpr int kRun = kBins >= kThreads ? kBins / kThreads : 1;
+  const int rank0 = static_cast<int>(threadIdx.x) * kRun;  // ranks from the top
+  uint32_t run[kRun];
+  int64_t mine = 0;
+#pragma unroll
+  for (int r = 0; r < kRun; ++r) {
+    run[r] = rank0 + r < kBins ? static_cast<uint32_t>(count(kBins - 1 - (rank0 + r))) : 0u;
+    mine += run[r];
+  }
+  int64_t total;
+  const int64_t above = block_exclusive_sum(mine, scratch, total);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (above < need[i] && above + mine >= need[i]) {
+      int64_t a = above;
+#pragma unroll
+      for (int r = 0; r < kRun; ++r) {
+        if (a < need[i] && a + run[r] >= need[i]) answer[i] = BinChoice{static_cast<unsigned>(kBins - 1 - (rank0 + r)), need[i] - a};
+        a += run[r];
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = answer[i];
+  __syncthreads();  // `answer` may be reused
+}
+
 }  // namespace deft_kernels::cuda

@@ -124,7 +124,7 @@ __device__ __forceinline__ void load_vector(const Input& in, int64_t v, uint32_t
 struct PlanView {
   int64_t num_large, num_tiles;
   const int64_t *sm_begin, *sm_end, *sm_k, *sm_out, *group_first;
-  const int64_t *lg_begin, *lg_end, *lg_k, *lg_out, *lg_tile_first, *lg_slot_base, *lg_cap, *lg_quota;
+  const int64_t *lg_begin, *lg_end, *lg_k, *lg_out, *lg_tile_first, *lg_slot_base, *lg_cap, *lg_quota, *tile_seg;
 };
 
 struct WorkView {
@@ -153,14 +153,7 @@ struct Tile {
 
 template <class KT>
 __device__ __forceinline__ Tile tile_of(const Input& in, const PlanView& p, int64_t t) {
-  int64_t lo = 0, hi = p.num_large;  // the segment s with tile_first[s] <= t < tile_first[s + 1]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (p.lg_tile_first[mid] <= t)
-      lo = mid;
-    else
-      hi = mid;
-  }
+  const int64_t lo = p.tile_seg[t];
   Tile tl;
   tl.t = t;
   tl.seg = lo;
@@ -230,8 +223,8 @@ __device__ __forceinline__ uint32_t rank_in_row(uint32_t flags, int j) {
 struct Shared {
   uint32_t hist[2048];
   uint32_t scratch[kWarps];
-  BinChoice choice;
-  int local_bin;
+  int64_t scratch64[kWarps];
+  BinChoice answer[2];
   int last;
 };
 
@@ -252,13 +245,11 @@ __device__ __forceinline__ void small_level(const RegTile<KT>& tile, int64_t beg
         atomicAdd(&sh.hist[KT::template digit<L>(key)], 1u);
     }
   __syncthreads();
-  if (warp_id() == 0) {
-    const BinChoice c = warp_choose_bin<KT::template bins<L>()>([&](int b) { return sh.hist[b]; }, need);
-    if (lane_id() == 0) sh.choice = c;
-  }
-  __syncthreads();
-  prefix = (prefix << KT::template width<L>()) | sh.choice.bin;
-  need = sh.choice.need;
+  const int64_t needs[1] = {need};
+  BinChoice c[1];
+  block_choose_bins<KT::template bins<L>()>([&](int b) { return sh.hist[b]; }, needs, c, sh.scratch64, sh.answer);
+  prefix = (prefix << KT::template width<L>()) | c[0].bin;
+  need = c[0].need;
 }
 
 // A whole small segment in one block: its keys in registers, each digit resolved from a shared
@@ -325,19 +316,17 @@ __device__ void large_tile_first_pass(const Input& in, const PlanView& p, const 
   for (int b = static_cast<int>(threadIdx.x); b < kBins; b += kThreads)
     if (sh.hist[b] != 0) atomicAdd(seg_hist + b, sh.hist[b]);
   // The slot keeps the bins from the one holding the tile's quota-th largest key up, but no more
-  // than cap elements: the lowest bin whose elements and those above fit.
-  if (warp_id() == 0) {
-    const int64_t lo = tl.begin > tl.first_index ? tl.begin : tl.first_index;
-    const int64_t hi = tl.end < tl.first_index + KT::kTile ? tl.end : tl.first_index + KT::kTile;
-    const int64_t valid = hi - lo;
-    auto count = [&](int b) { return sh.hist[b]; };
-    const int64_t quota = p.lg_quota[tl.seg] < valid ? p.lg_quota[tl.seg] : valid;
-    const int by_quota = static_cast<int>(warp_choose_bin<kBins>(count, quota).bin);
-    const int by_cap = valid <= tl.cap ? 0 : static_cast<int>(warp_choose_bin<kBins>(count, tl.cap + 1).bin) + 1;
-    if (lane_id() == 0) sh.local_bin = by_quota > by_cap ? by_quota : by_cap;
-  }
-  __syncthreads();
-  const int local_bin = sh.local_bin;
+  // than cap elements: not below the bin after the one holding the (cap + 1)-th largest.
+  const int64_t lo = tl.begin > tl.first_index ? tl.begin : tl.first_index;
+  const int64_t hi = tl.end < tl.first_index + KT::kTile ? tl.end : tl.first_index + KT::kTile;
+  const int64_t valid = hi - lo;
+  const bool over_cap = valid > tl.cap;
+  const int64_t needs[2] = {p.lg_quota[tl.seg] < valid ? p.lg_quota[tl.seg] : valid, over_cap ? tl.cap + 1 : 1};
+  BinChoice c[2];
+  block_choose_bins<kBins>([&](int b) { return sh.hist[b]; }, needs, c, sh.scratch64, sh.answer);
+  const int by_quota = static_cast<int>(c[0].bin);
+  const int by_cap = over_cap ? static_cast<int>(c[1].bin) + 1 : 0;
+  const int local_bin = by_quota > by_cap ? by_quota : by_cap;
   uint32_t keep[KT::kRows], base[KT::kRows];
 #pragma unroll
   for (int r = 0; r < KT::kRows; ++r) {
@@ -369,13 +358,15 @@ __device__ void large_tile_first_pass(const Input& in, const PlanView& p, const 
   if (threadIdx.x == 0)
     sh.last = atomicAdd(w.done + tl.seg * kDoneCounters, 1u) == static_cast<uint32_t>(tl.tiles - 1);
   __syncthreads();
-  if (sh.last && warp_id() == 0) {
+  if (sh.last) {
     __threadfence();
-    const BinChoice c = warp_choose_bin<kBins>([&](int b) { return __ldcg(seg_hist + b); }, p.lg_k[tl.seg]);
-    if (lane_id() == 0) {
-      w.seg_top[tl.seg] = c.bin;
-      w.seg_prefix[tl.seg] = c.bin;
-      w.seg_need[tl.seg] = c.need;
+    const int64_t k[1] = {p.lg_k[tl.seg]};
+    BinChoice top[1];
+    block_choose_bins<kBins>([&](int b) { return __ldcg(seg_hist + b); }, k, top, sh.scratch64, sh.answer);
+    if (threadIdx.x == 0) {
+      w.seg_top[tl.seg] = top[0].bin;
+      w.seg_prefix[tl.seg] = top[0].bin;
+      w.seg_need[tl.seg] = top[0].need;
     }
   }
 }
@@ -432,16 +423,22 @@ __device__ __forceinline__ void for_tile_vectors(const Input& in, const Tile& tl
   }
 }
 
-// Calls visit(key, pos, has) for the entries of a complete tile's slot, 32 at a time; `has` is false
-// past the last entry. Every lane calls it the same number of times.
+// Calls visit(key, pos, has) for the entries of a complete tile's slot in order, 32 at a time (kBatch
+// x 32 loaded before use); `has` is false past the last entry. Every lane calls it the same number
+// of times. An entry may be overwritten by visit at an index at most its own (the loads of a batch
+// precede its visits).
 template <class Visit>
 __device__ __forceinline__ void for_slot_entries(const WorkView& w, const Tile& tl, uint32_t count, Visit&& visit) {
-  for (uint32_t c = 0; c < count; c += 32) {
-    const uint32_t i = c + lane_id();
-    const bool has = i < count;
-    const uint32_t key = has ? w.slot_key[tl.slot + i] : 0u;
-    const uint32_t pos = has ? w.slot_pos[tl.slot + i] : 0u;
-    visit(key, pos, has);
+  for (uint32_t c = 0; c < count; c += kBatch * 32) {
+    uint32_t key[kBatch], pos[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const uint32_t i = c + u * 32 + lane_id();
+      key[u] = i < count ? w.slot_key[tl.slot + i] : 0u;
+      pos[u] = i < count ? w.slot_pos[tl.slot + i] : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) visit(key[u], pos[u], c + u * 32 + lane_id() < count);
   }
 }
 
@@ -632,7 +629,7 @@ cudaError_t launch(const void* values, int64_t n, const TopkPlan& plan, const in
   const PlanView p{L.num_large,      L.num_tiles,       d + L.sm_begin,     d + L.sm_end,
                    d + L.sm_k,       d + L.sm_out,      d + L.group_first,  d + L.lg_begin,
                    d + L.lg_end,     d + L.lg_k,        d + L.lg_out,       d + L.lg_tile_first,
-                   d + L.lg_slot_base, d + L.lg_cap,    d + L.lg_quota};
+                   d + L.lg_slot_base, d + L.lg_cap,    d + L.lg_quota,     d + L.tile_seg};
   char* ws = static_cast<char*>(workspace);
   const WorkView w{{reinterpret_cast<uint32_t*>(ws + W.hist[0]), reinterpret_cast<uint32_t*>(ws + W.hist[1]),
                     reinterpret_cast<uint32_t*>(ws + W.hist[2])},

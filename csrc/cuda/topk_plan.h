@@ -71,6 +71,7 @@ struct PlanLayout {
   // entry of the segment's first tile), cap (slot entries per tile), quota (see kQuotaFactor)
   int64_t lg_begin = 0, lg_end = 0, lg_k = 0, lg_out = 0, lg_tile_first = 0, lg_slot_base = 0, lg_cap = 0,
           lg_quota = 0;
+  int64_t tile_seg = 0;  // the large segment of each tile (a lookup, not a search, in every launch)
   int64_t size = 0;
 };
 
@@ -117,7 +118,7 @@ inline int64_t tiles_of(int64_t begin, int64_t end, int64_t shift, const KeyForm
 inline TopkPlan make_topk_plan(const int64_t* offsets, const int64_t* k, FragmentList frags, KeyFormat fmt,
                                int64_t shift) {
   std::vector<int64_t> sm_begin, sm_end, sm_k, sm_out, group_first;
-  std::vector<int64_t> lg_begin, lg_end, lg_k, lg_out, lg_tile_first{0}, lg_slot_base, lg_cap, lg_quota;
+  std::vector<int64_t> lg_begin, lg_end, lg_k, lg_out, lg_tile_first{0}, lg_slot_base, lg_cap, lg_quota, tile_seg;
   int64_t out = 0, group_size = 0, slots = 0, largest = 0;
   for (int64_t i = 0; i < frags.count; ++i) {
     const int64_t f = frags[i];
@@ -141,6 +142,7 @@ inline TopkPlan make_topk_plan(const int64_t* offsets, const int64_t* k, Fragmen
         lg_quota.push_back(std::min(fmt.tile, kQuotaFactor * share));
         lg_slot_base.push_back(slots);
         slots += tiles * lg_cap.back();
+        tile_seg.insert(tile_seg.end(), tiles, static_cast<int64_t>(lg_begin.size()) - 1);
         largest = std::max(largest, size);
       }
     }
@@ -164,7 +166,7 @@ inline TopkPlan make_topk_plan(const int64_t* offsets, const int64_t* k, Fragmen
   append(L.group_first, group_first);
   append(L.lg_begin, lg_begin), append(L.lg_end, lg_end), append(L.lg_k, lg_k), append(L.lg_out, lg_out);
   append(L.lg_tile_first, lg_tile_first), append(L.lg_slot_base, lg_slot_base), append(L.lg_cap, lg_cap);
-  append(L.lg_quota, lg_quota);
+  append(L.lg_quota, lg_quota), append(L.tile_seg, tile_seg);
   L.size = static_cast<int64_t>(plan.data.size());
 
   WorkspaceLayout& W = plan.workspace;

@@ -54,6 +54,7 @@ static void check_plan(const std::vector<int64_t>& sizes, const std::vector<int6
         CHECK(d[L.lg_begin + li] == off[f] && d[L.lg_end + li] == off[f + 1]);
         CHECK(d[L.lg_k + li] == k[f] && d[L.lg_out + li] == out);
         CHECK(d[L.lg_tile_first + li + 1] - d[L.lg_tile_first + li] == tiles);
+        for (int64_t t = d[L.lg_tile_first + li]; t < d[L.lg_tile_first + li + 1]; ++t) CHECK(d[L.tile_seg + t] == li);
         // Its tiles' vectors cover exactly the segment's vectors.
         CHECK(tiles * vectors_per_tile > last_vec - first_vec && (tiles - 1) * vectors_per_tile <= last_vec - first_vec);
         const int64_t cap = d[L.lg_cap + li], quota = d[L.lg_quota + li];
