@@ -68,7 +68,8 @@ def test_torch_glue_passes_syntax_check(tmp_path):
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 def test_topk_plan_host_unit_test(tmp_path):
     exe = tmp_path / "test_topk_plan"
-    run([CXX, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(ROOT / "tests" / "cpp" / "test_topk_plan.cpp"),
+    run([CXX, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", f"-I{ROOT / 'tests' / 'cpp'}",
+         str(ROOT / "tests" / "cpp" / "test_topk_plan.cpp"),
          "-o", str(exe)])
     assert "topk_plan: ok" in run([str(exe)]).stdout
 

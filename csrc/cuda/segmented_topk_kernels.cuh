@@ -220,6 +220,32 @@ __device__ __forceinline__ uint32_t rank_in_row(uint32_t flags, int j) {
   return static_cast<uint32_t>(__popc(flags & ((1u << j) - 1u)));
 }
 
+// flags[r] bit j: element (r, j) lies in [begin, end) and pick(key, r, j) holds.
+template <class KT, class Pick>
+__device__ __forceinline__ void flag_tile(const RegTile<KT>& tile, int64_t begin, int64_t end,
+                                          uint32_t (&flags)[KT::kRows], Pick&& pick) {
+#pragma unroll
+  for (int r = 0; r < KT::kRows; ++r) {
+    flags[r] = 0;
+#pragma unroll
+    for (int j = 0; j < KT::kVec; ++j) {
+      const int64_t i = tile.index(r, j);
+      if (i >= begin && i < end && pick(tile.key[r][j], r, j)) flags[r] |= 1u << j;
+    }
+  }
+}
+
+// Calls put(rank, r, j) for every flagged element, rank from block_rank's row_base.
+template <class KT, class Put>
+__device__ __forceinline__ void for_flagged(const uint32_t (&flags)[KT::kRows], const uint32_t (&row_base)[KT::kRows],
+                                            Put&& put) {
+#pragma unroll
+  for (int r = 0; r < KT::kRows; ++r)
+#pragma unroll
+    for (int j = 0; j < KT::kVec; ++j)
+      if ((flags[r] >> j) & 1u) put(row_base[r] + rank_in_row(flags[r], j), r, j);
+}
+
 struct Shared {
   uint32_t hist[2048];
   uint32_t scratch[kWarps];
@@ -228,11 +254,11 @@ struct Shared {
   int last;
 };
 
-// One level of a small segment's select: the histogram of digit L over the keys sharing the digits
-// resolved so far, and the bin holding the need-th largest.
+// The shared histogram of digit L over the tile's elements in [begin, end) whose higher digits equal
+// `prefix` (all of them at level 0).
 template <class KT, int L>
-__device__ __forceinline__ void small_level(const RegTile<KT>& tile, int64_t begin, int64_t end, uint32_t& prefix,
-                                            int64_t& need, Shared& sh) {
+__device__ __forceinline__ void tile_histogram(const RegTile<KT>& tile, int64_t begin, int64_t end, uint32_t prefix,
+                                               Shared& sh) {
   for (int b = static_cast<int>(threadIdx.x); b < KT::template bins<L>(); b += kThreads) sh.hist[b] = 0;
   __syncthreads();
 #pragma unroll
@@ -245,6 +271,14 @@ __device__ __forceinline__ void small_level(const RegTile<KT>& tile, int64_t beg
         atomicAdd(&sh.hist[KT::template digit<L>(key)], 1u);
     }
   __syncthreads();
+}
+
+// One level of a small segment's select: the bin of digit L holding the need-th largest key among
+// those sharing the digits resolved so far.
+template <class KT, int L>
+__device__ __forceinline__ void small_level(const RegTile<KT>& tile, int64_t begin, int64_t end, uint32_t& prefix,
+                                            int64_t& need, Shared& sh) {
+  tile_histogram<KT, L>(tile, begin, end, prefix, sh);
   const int64_t needs[1] = {need};
   BinChoice c[1];
   block_choose_bins<KT::template bins<L>()>([&](int b) { return sh.hist[b]; }, needs, c, sh.scratch64, sh.answer);
@@ -266,33 +300,13 @@ __device__ void small_segment(const Input& in, int64_t begin, int64_t end, int64
   if constexpr (KT::kLevels > 2) small_level<KT, 2>(tile, begin, end, thr, take, sh);
   // thr is now the threshold key T, take the number of keys equal to T to select (the first ones).
   uint32_t tie[KT::kRows], sel[KT::kRows], base[KT::kRows];
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r) {
-    tie[r] = 0;
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j) {
-      const int64_t i = tile.index(r, j);
-      if (i >= begin && i < end && tile.key[r][j] == thr) tie[r] |= 1u << j;
-    }
-  }
+  flag_tile<KT>(tile, begin, end, tie, [&](uint32_t key, int, int) { return key == thr; });
   block_rank<KT>(tie, base, sh.scratch);
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r) {
-    sel[r] = 0;
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j) {
-      const int64_t i = tile.index(r, j);
-      const bool above = i >= begin && i < end && tile.key[r][j] > thr;
-      const bool tie_taken = ((tie[r] >> j) & 1u) && base[r] + rank_in_row(tie[r], j) < take;
-      if (above || tie_taken) sel[r] |= 1u << j;
-    }
-  }
+  flag_tile<KT>(tile, begin, end, sel, [&](uint32_t key, int r, int j) {
+    return key > thr || (((tie[r] >> j) & 1u) && base[r] + rank_in_row(tie[r], j) < take);
+  });
   block_rank<KT>(sel, base, sh.scratch);
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r)
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j)
-      if ((sel[r] >> j) & 1u) out[base[r] + rank_in_row(sel[r], j)] = index_base + tile.index(r, j);
+  for_flagged<KT>(sel, base, [&](uint32_t rank, int r, int j) { out[rank] = index_base + tile.index(r, j); });
 }
 
 // The first pass over a tile of a large segment.
@@ -302,16 +316,7 @@ __device__ void large_tile_first_pass(const Input& in, const PlanView& p, const 
   const Tile tl = tile_of<KT>(in, p, t);
   RegTile<KT> tile;
   load_tile<KT>(in, tl.vec0, tl.begin, tl.end, tile);
-  for (int b = static_cast<int>(threadIdx.x); b < kBins; b += kThreads) sh.hist[b] = 0;
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r)
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j) {
-      const int64_t i = tile.index(r, j);
-      if (i >= tl.begin && i < tl.end) atomicAdd(&sh.hist[KT::template digit<0>(tile.key[r][j])], 1u);
-    }
-  __syncthreads();
+  tile_histogram<KT, 0>(tile, tl.begin, tl.end, 0u, sh);
   uint32_t* seg_hist = w.hist[0] + tl.seg * kBins;
   for (int b = static_cast<int>(threadIdx.x); b < kBins; b += kThreads)
     if (sh.hist[b] != 0) atomicAdd(seg_hist + b, sh.hist[b]);
@@ -328,26 +333,13 @@ __device__ void large_tile_first_pass(const Input& in, const PlanView& p, const 
   const int by_cap = over_cap ? static_cast<int>(c[1].bin) + 1 : 0;
   const int local_bin = by_quota > by_cap ? by_quota : by_cap;
   uint32_t keep[KT::kRows], base[KT::kRows];
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r) {
-    keep[r] = 0;
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j) {
-      const int64_t i = tile.index(r, j);
-      if (i >= tl.begin && i < tl.end && static_cast<int>(KT::template digit<0>(tile.key[r][j])) >= local_bin)
-        keep[r] |= 1u << j;
-    }
-  }
+  flag_tile<KT>(tile, tl.begin, tl.end, keep,
+                [&](uint32_t key, int, int) { return static_cast<int>(KT::template digit<0>(key)) >= local_bin; });
   const uint32_t kept = block_rank<KT>(keep, base, sh.scratch);
-#pragma unroll
-  for (int r = 0; r < KT::kRows; ++r)
-#pragma unroll
-    for (int j = 0; j < KT::kVec; ++j)
-      if ((keep[r] >> j) & 1u) {
-        const int64_t e = tl.slot + base[r] + rank_in_row(keep[r], j);
-        w.slot_key[e] = tile.key[r][j];
-        w.slot_pos[e] = static_cast<uint16_t>(tile.index(r, j) - tl.first_index);
-      }
+  for_flagged<KT>(keep, base, [&](uint32_t rank, int r, int j) {
+    w.slot_key[tl.slot + rank] = tile.key[r][j];
+    w.slot_pos[tl.slot + rank] = static_cast<uint16_t>(tile.index(r, j) - tl.first_index);
+  });
   if (threadIdx.x == 0) {
     w.tile_local[t] = local_bin;
     w.tile_count[t] = kept;

@@ -7,6 +7,7 @@
 // clang-format off
 #include "cuda/accumulate_norms_kernels.cuh"
 // clang-format on
+#include "check.h"
 
 #include <cmath>
 #include <cstdio>
@@ -15,14 +16,6 @@
 #include <vector>
 
 using namespace deft_kernels::cuda;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 static std::mt19937_64 rng(99);
 

@@ -8,17 +8,10 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "cuda/topk_plan.h"
 
 using namespace deft_kernels::cuda;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 static void check_plan(const std::vector<int64_t>& sizes, const std::vector<int64_t>& k,
                        const std::vector<int64_t>* frags, const KeyFormat& fmt, int64_t shift) {
