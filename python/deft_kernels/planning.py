@@ -21,6 +21,7 @@ Everything here runs on CPU tensors and Python numbers; plans are small (one ent
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,11 +29,24 @@ import torch
 
 from . import _C
 
-__all__ = ["offsets_of", "fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
-           "cost_size_log_k", "cost_size",
+__all__ = ["budget", "offsets_of", "fragment_sizes", "fragment_offsets", "partition_offsets", "local_k",
+           "COST_MODELS", "DEFAULT_COST_MODEL", "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def budget(density: float, numel: int) -> int:
+    """The number of elements a step sends in total: ``int(density * numel)``, but at least 1 when
+    ``numel > 0`` (0 for an empty vector). Without the floor a small vector (a small DDP bucket, a
+    tiny model at a low density) would send nothing, step after step, while its residual grows
+    without bound; raising instead would make small buckets unusable (docs/algorithm.md, "The
+    budget")."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    return max(1, int(density * numel)) if numel else 0
 
 
 def offsets_of(sizes) -> list[int]:
