@@ -7,7 +7,7 @@
 # left, and are skipped when too little is):
 #   build        the extension with the CUDA kernels (sm_90, with the python3 there; no downloads);
 #                if that fails, a build without CUDA so the Triton paths are still checked
-#   tests        the GPU tests (tests/test_gpu*.py, the per-op tests, the Triton tests on CUDA)
+#   tests        the per-op tests (their cuda and triton cases run on the GPU) and tests/test_gpu*.py
 #   bench        bench/bench_gpu.py: correctness, then timings against torch and issue 9's targets
 #   integration  bench/gpu_integration.py: DDP hook and GradientSparsifier on CUDA, gloo x2 and NCCL x1
 #   deft-bench   the worker-count benchmark on CUDA: ResNet-50, then GPT-2 small if time is left
@@ -72,7 +72,7 @@ build_cpu_only() {
 }
 run_tests() {
   local files=() opts=()
-  for f in tests/test_gpu*.py tests/test_op_*.py tests/test_triton.py; do [[ -e $f ]] && files+=("$f"); done
+  for f in tests/test_op_*.py tests/test_gpu*.py; do [[ -e $f ]] && files+=("$f"); done
   # Worker processes (pytest-xdist): a test that crashes its process fails alone instead of ending
   # the run; pytest-timeout: a hung test fails alone.
   "$PY" -c "import xdist" 2>/dev/null && opts+=(-n 2)

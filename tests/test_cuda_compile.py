@@ -13,7 +13,7 @@ GPU (the CUDA kernels are only built into the extension with a CUDA torch).
   with the host compiler against a CPU emulation of the CUDA subset they use
   (``tests/cpp/cuda_emulator.h``) and run against plain reference loops
   (``tests/cpp/test_*_emulated.cpp``): their logic is tested here, their speed and anything the
-  emulation cannot show only on a GPU (``tests/test_gpu.py``).
+  emulation cannot show only on a GPU (the ``cuda`` cases of ``tests/test_op_<op>.py``).
 """
 
 import shutil

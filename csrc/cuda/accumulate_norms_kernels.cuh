@@ -5,8 +5,9 @@
 // float64, one rounding to fp32.
 //
 // STATUS: compiled with nvcc (tests/test_cuda_compile.py) and run on the CPU emulation of CUDA
-// (tests/cpp/test_norms_emulated.cpp); NEVER RUN ON A GPU yet. tests/test_gpu.py checks it on the
-// next machine with one.
+// (tests/cpp/test_norms_emulated.cpp); NEVER RUN ON A GPU yet. The cuda cases of
+// tests/test_op_accumulate_norms.py and tests/test_gpu_sync_free.py check it on the next machine
+// with one (scripts/gpu_check.sh).
 //
 // Each block takes a fixed run of kRows x 32 x kWarps 16-byte vectors of grad and residual (the
 // fragment layout does not shape the work, so one huge fragment and thousands of tiny ones balance

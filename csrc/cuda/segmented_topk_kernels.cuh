@@ -5,8 +5,8 @@
 //
 // STATUS: compiled with nvcc (tests/test_cuda_compile.py) and run, with its launch sequence, on the
 // CPU emulation of CUDA (tests/cpp/test_topk_emulated.cpp); NEVER RUN ON A GPU yet (the first GPU run,
-// at commit 8af8162, ran the kernel this one replaces). tests/test_gpu.py and
-// tests/test_gpu_sync_free.py check it on the next machine with one.
+// at commit 8af8162, ran the kernel this one replaces). The cuda cases of tests/test_op_segmented_topk.py
+// and tests/test_gpu_sync_free.py check it on the next machine with one (scripts/gpu_check.sh).
 //
 // Radix select as AIR top-k (Zhang et al., SC'23) and CUB's DeviceTopK do it: a histogram of the top
 // digit (11 bits for fp32, 8 for 16-bit types) picks the bin holding the k-th largest key, the
