@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                 summary = (f"loss {case['first_loss']:.4f} -> {case['last_loss']:.4f}, ranks agree: "
                            f"{case['ranks_agree']}, density {case['density']}" if "first_loss" in case
                            else case.get("error", "").strip().splitlines()[-1:])
-                print(f"{'OK  ' if case['ok'] else 'FAIL'} {sparsifier} {api} {backend} x{ranks}: {summary}", flush=True)
+                status = "OK  " if case["ok"] else "FAIL"
+                print(f"{status} {sparsifier} {api} {backend} x{ranks}: {summary}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                                "cases": cases}, indent=1))

@@ -39,10 +39,12 @@ class HostReads(TorchFunctionMode):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         off_cpu = [t for t in tensors if t.device.type != "cpu"]
         if str(func).startswith("deft_kernels."):
-            self.op_calls.append((str(func), {i: a.device.type for i, a in enumerate(args) if isinstance(a, torch.Tensor)}))
+            devices = {i: a.device.type for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+            self.op_calls.append((str(func), devices))
             return torch.empty(0, dtype=torch.int64, device=args[0].device)
+        targets = (*args[1:], kwargs.get("device"))
         to_host = name in ("to", "copy_") and any(
-            isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu" for a in (*args[1:], kwargs.get("device")))
+            isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu" for a in targets)
         if off_cpu and (name in HOST_READS or to_host):
             self.reads.append(name)
         return func(*args, **kwargs)
