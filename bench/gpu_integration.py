@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 cases.append(case)
                 summary = (f"loss {case['first_loss']:.4f} -> {case['last_loss']:.4f}, ranks agree: "
                            f"{case['ranks_agree']}, density {case['density']}" if "first_loss" in case
-                           else case.get("error", "").strip().splitlines()[-1:])
+                           else " ".join(case.get("error", "").strip().splitlines()[-1:]))
                 status = "OK  " if case["ok"] else "FAIL"
                 print(f"{status} {sparsifier} {api} {backend} x{ranks}: {summary}", flush=True)
     if args.json:
