@@ -349,10 +349,10 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
 
 
 @triton.jit
-def _widen_to_fp32(x):
-    """x in fp32, exactly. bf16 widens by shifting its bits: the interpreter's bf16 cast flushes
-    subnormals to zero."""
-    if x.dtype == tl.bfloat16:
+def _widen_to_fp32(x, DTYPE: tl.constexpr):
+    """x (of DTYPE) in fp32, exactly. bf16 widens by shifting its bits: the interpreter's bf16 cast
+    flushes subnormals to zero."""
+    if DTYPE == tl.bfloat16:
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
@@ -361,7 +361,7 @@ def _widen_to_fp32(x):
 @triton.jit
 def _select_tile(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, BLOCK: tl.constexpr):
     t, seg, pos, valid = _tile_positions(tile_seg_ptr, tile_begin_ptr, seg_end_ptr, BLOCK)
-    a = tl.abs(_widen_to_fp32(tl.load(x_ptr + pos * stride, mask=valid, other=0)))
+    a = tl.abs(_widen_to_fp32(tl.load(x_ptr + pos * stride, mask=valid, other=0), x_ptr.dtype.element_ty))
     thr = tl.load(seg_thr_ptr + seg)
     return t, pos, valid & ((a != a) | ((a >= thr) & (a != 0)))
 
