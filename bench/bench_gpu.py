@@ -13,7 +13,8 @@ with ``triton.testing.do_bench`` (median, ms). Every timed deft_kernels call get
   builds without CUDA: not a DEFT result, timed for comparison on --triton-layouts only), one
   torch.topk per fragment, one torch.topk over the whole vector (k = sum of the k_f);
 - accumulate_norms: the fused kernel vs ``residual.add_(grad)`` + ``torch._foreach_norm``;
-- threshold_select (when the op exists): vs ``torch.nonzero(|x| >= t)``;
+- threshold_select (one threshold for every fragment, keeping about d of the normal data) vs the
+  elementwise passes + ``nonzero`` the sparsifiers ran before;
 - sparse_pack vs ``index_select``; sparse_unpack vs ``zeros`` + ``index_put_`` + ``index_fill_``.
 
 It measures the card's copy bandwidth (a 1 GiB device-to-device copy, read + write bytes over time)
@@ -23,7 +24,7 @@ writes everything as JSON with the device name and versions.
 
 STATUS: the first version of this script ran once on an H200 (commit 8af8162); this version (the
 targets of issue 9, the 1.56B layout, CPU metadata, threshold select) has been run only on made-up
-timings (tests/test_bench_gpu.py).
+timings (tests/test_bench_gpu.py) and, with its device strings changed, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def layout_sizes(name: str) -> list[int]:
 
 
 def run_layout(layout_name: str, sizes: list[int], density: float, do_bench, with_triton: bool) -> list[dict]:
-    from common import accumulate_norms_torch, local_k, sparse_unpack_torch, topk_per_fragment, topk_whole
+    from common import (accumulate_norms_torch, indices_at_least_torch, local_k, normal_threshold,
+                        sparse_unpack_torch, topk_per_fragment, topk_whole)
 
     from deft_kernels import ops, reference
 
@@ -189,18 +191,15 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench, wit
     add("accumulate_norms", norm_impl, lambda: lib.accumulate_norms(grad, residual, offsets), 3 * n * item)
     add("accumulate_norms", "torch add_ + _foreach_norm", lambda: accumulate_norms_torch(grad, residual, sizes),
         3 * n * item)
-    if hasattr(ops, "threshold_select"):
-        # One threshold for every fragment: the magnitude a sample puts at the density.
-        sample = x[torch.randint(0, n, (1 << 20,), device="cuda", generator=gen)].abs()
-        t = float(torch.quantile(sample, 1 - density))
-        thresholds = torch.full((len(sizes),), t, dtype=torch.float32)
-        selected = ops.threshold_select(x, offsets, thresholds)
-        assert torch.equal(selected, reference.threshold_select(x, offsets_dev, thresholds.cuda())), \
-            "threshold_select differs from the reference"
-        select_bytes = n * item + 8 * selected.numel()
-        add("threshold_select", "deft threshold_select", lambda: ops.threshold_select(x, offsets, thresholds,
-                                                                                      validate=False), select_bytes)
-        add("threshold_select", "torch.nonzero(|x| >= t)", lambda: torch.nonzero(x.abs() >= t).flatten(), select_bytes)
+    threshold = normal_threshold(density)
+    thresholds = torch.full((len(sizes),), threshold)
+    selected = lib.threshold_select(x, offsets, thresholds, None, 0)
+    assert torch.equal(selected, reference.threshold_select(x, offsets, thresholds)), \
+        "threshold_select differs from the reference"
+    select_bytes = n * item + 8 * selected.numel()  # read the values, write the indices
+    add("threshold_select", "deft threshold_select", lambda: lib.threshold_select(x, offsets, thresholds, None, 0),
+        select_bytes)
+    add("threshold_select", "torch elementwise + nonzero", lambda: indices_at_least_torch(x, threshold), select_bytes)
     pack_bytes = total_k * (8 + 2 * item)  # read index and value, write value
     add("sparse_pack", "deft sparse_pack", lambda: lib.sparse_pack(x, expected), pack_bytes)
     add("sparse_pack", "torch.index_select", lambda: torch.index_select(x, 0, expected), pack_bytes)

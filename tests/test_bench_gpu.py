@@ -30,6 +30,7 @@ ROWS = [
     row("accumulate_norms", "torch add_ + _foreach_norm", 0.5, 12 * N),
     row("segmented_topk", "deft CUDA", 0.15, 4 * N, layout="gpt2"),
     row("threshold_select", "deft threshold_select", 0.07, 4 * N, layout="gpt2"),
+    row("threshold_select", "torch elementwise + nonzero", 0.6, 4 * N, layout="gpt2"),
     row("threshold_select", "deft threshold_select", 0.07, 4 * N, layout="gpt2xl"),
 ]
 
@@ -44,6 +45,7 @@ def test_summary_ratios_and_bandwidth():
     assert "speedup" not in s[1]  # the Triton fallback is a comparison, not a deft_kernels result
     assert s[4]["speedup"] == pytest.approx({"torch add_ + _foreach_norm": 2.5})
     assert s[4]["gbps"] == pytest.approx(1500.0)
+    assert s[7]["speedup"] == pytest.approx({"torch elementwise + nonzero": 0.6 / 0.07})
 
 
 def test_targets():
