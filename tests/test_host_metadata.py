@@ -67,6 +67,7 @@ def calls():
         "segmented_topk listed": lambda: ops.segmented_topk(x, OFFSETS, K, torch.tensor([2, 0])),
         "segmented_topk none listed": lambda: ops.segmented_topk(x, OFFSETS, K, torch.zeros(0, dtype=torch.int64)),
         "segmented_topk bf16 index_base": lambda: ops.segmented_topk(x.bfloat16(), OFFSETS, K, index_base=2**33),
+        "threshold_select": lambda: ops.threshold_select(x, OFFSETS, torch.ones(4), torch.tensor([3, 0])),
     }
 
 

@@ -23,60 +23,25 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "cuda/accumulate_norms.cuh"
+#include "cuda/glue.h"
 #include "cuda/segmented_topk.cuh"
+#include "metadata_checks.h"
 
 namespace deft_kernels {
 namespace {
 
-void check_values(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-// A host view of a small int64 vector that may live on the CPU (no copy) or on the values' device
-// (copied: this synchronises).
-at::Tensor host_index_vector(const at::Tensor& t, const char* name, const at::Tensor& values) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu() || t.device() == values.device(), name, " is on ", t.device(),
-              " but must be on the CPU (no synchronisation) or on the values' device ", values.device());
-  return t.to(at::kCPU).contiguous();
-}
-
-void check_offsets(const int64_t* o, int64_t num_frags, int64_t n) {
-  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
-  TORCH_CHECK(o[num_frags] == n, "offsets[-1] must equal the vector length ", n, ", got ", o[num_frags]);
-  for (int64_t f = 0; f < num_frags; ++f)
-    TORCH_CHECK(o[f + 1] >= o[f], "offsets must be non-decreasing, but offsets[", f + 1, "] = ", o[f + 1],
-                " < offsets[", f, "] = ", o[f]);
-}
-
-// `count` int64 values copied to the device once: staged in pinned memory, then a non-blocking copy
-// on the current stream. The caching host allocator keeps the pinned block until that copy is done.
-at::Tensor upload(const int64_t* data, int64_t count, const at::Device& device) {
-  at::Tensor staged = at::empty({count}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(staged.mutable_data_ptr<int64_t>(), data, sizeof(int64_t) * static_cast<size_t>(count));
-  return staged.to(device, at::kLong, /*non_blocking=*/true);
-}
-
 at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& k,
                                const c10::optional<at::Tensor>& fragments, int64_t index_base) {
-  check_values(values, "values");
+  check_cuda_values(values, "values");
   TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
-  const at::Tensor off = host_index_vector(offsets, "offsets", values);
-  const at::Tensor kk = host_index_vector(k, "k", values);
+  const at::Tensor off = host_metadata(offsets, "offsets", at::kLong, values);
+  const at::Tensor kk = host_metadata(k, "k", at::kLong, values);
   const int64_t n = values.numel();
-  const int64_t num_frags = off.numel() - 1;
-  TORCH_CHECK(num_frags >= 0, "offsets must have at least one element (F + 1 for F fragments)");
   const int64_t* o = off.const_data_ptr<int64_t>();
-  check_offsets(o, num_frags, n);
+  check_offsets_data(o, off.numel(), n);
+  const int64_t num_frags = off.numel() - 1;
   TORCH_CHECK(kk.numel() == num_frags, "k must have one entry per fragment (", num_frags, "), got ", kk.numel());
   const int64_t* kp = kk.const_data_ptr<int64_t>();
   for (int64_t f = 0; f < num_frags; ++f)
@@ -85,11 +50,9 @@ at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offse
   at::Tensor fr;
   cuda::FragmentList listed = cuda::all_fragments(num_frags);
   if (fragments.has_value()) {
-    fr = host_index_vector(*fragments, "fragments", values);
+    fr = host_metadata(*fragments, "fragments", at::kLong, values);
     listed = cuda::listed_fragments(fr.const_data_ptr<int64_t>(), fr.numel());
-    for (int64_t i = 0; i < listed.count; ++i)
-      TORCH_CHECK(listed[i] >= 0 && listed[i] < num_frags, "fragments[", i, "] = ", listed[i],
-                  " is not a fragment id in [0, ", num_frags, ")");
+    check_ids_data(listed.ids, listed.count, "fragments", "fragment", num_frags);
   }
 
   const c10::cuda::CUDAGuard guard(values.device());
@@ -113,8 +76,8 @@ at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offse
 }
 
 at::Tensor accumulate_norms_cuda(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
-  check_values(grad, "grad");
-  check_values(residual, "residual");
+  check_cuda_values(grad, "grad");
+  check_cuda_values(residual, "residual");
   TORCH_CHECK(grad.device() == residual.device(), "residual is on ", residual.device(), " but grad is on ",
               grad.device());
   TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "residual dtype ", residual.scalar_type(),
@@ -131,7 +94,7 @@ at::Tensor accumulate_norms_cuda(const at::Tensor& grad, at::Tensor& residual, c
   at::Tensor device_offsets;
   if (offsets.device().is_cpu()) {
     const at::Tensor off = offsets.contiguous();
-    check_offsets(off.const_data_ptr<int64_t>(), num_frags, grad.numel());
+    check_offsets_data(off.const_data_ptr<int64_t>(), off.numel(), grad.numel());
     device_offsets = upload(off.const_data_ptr<int64_t>(), off.numel(), grad.device());
   } else {
     device_offsets = offsets.contiguous();
