@@ -105,6 +105,25 @@ def worker(rank: int, world_size: int, port: int, args, names: list[str], out: s
         dist.destroy_process_group()
 
 
+def run_workers(worker, world_size: int, timeout: float, *args) -> list[dict]:
+    """Run ``worker(rank, world_size, port, *args, out)`` in ``world_size`` spawned processes and
+    return the rows rank 0 wrote to ``out`` as JSON; kill them all and exit after ``timeout`` s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rows.json")
+        ctx = mp.start_processes(worker, args=(world_size, port, *args, out), nprocs=world_size, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                sys.exit(f"workers still running after {timeout} s: killed")
+        return json.loads(Path(out).read_text())
+
+
 def table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["sparsifier"] == "dense"), None)
     lines = [f"{'sparsifier':<10} {'train loss':>10} {'test acc':>9} {'vs dense':>9} {'density sent':>13} {'time s':>7}"]
@@ -137,21 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1 or args.batch % args.workers:
         p.error("--workers must be >= 1 and divide --batch")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "rows.json")
-        ctx = mp.start_processes(worker, args=(args.workers, port, args, names, out), nprocs=args.workers,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + args.timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                sys.exit(f"workers still running after {args.timeout} s: killed")
-        rows = json.loads(Path(out).read_text())
-
+    rows = run_workers(worker, args.workers, args.timeout, args, names)
     command = "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# {command.strip()}\n# digits, MLP 64-256-128-10 (50,826 params), {args.workers} gloo workers (CPU), "
               f"density {args.density}, {args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
