@@ -11,8 +11,9 @@ step after the warm-up (all-reduce: every fp32 gradient value; PowerSGD: its P a
 the tensors it leaves uncompressed, from ``PowerSGDState``'s counts; DEFT: its int64 indices and
 fp32 values, ``compression_stats()['bytes_sent']``), the median wall time of a training step after
 the warm-up (forward, backward with communication, optimizer), and the final training loss and
-held-out accuracy. The model (50,826 parameters) fits one DDP bucket, so PowerSGD's hook, which
-waits on a future inside a callback, cannot deadlock on gloo here (it does with several buckets).
+held-out accuracy. The model (50,826 parameters) fits one DDP bucket: with several buckets on gloo,
+PyTorch's PowerSGD hook aborted the process at its first compressed step here (torch 2.13.0, gloo
+"Received data size doesn't match expected size"; with one bucket it ran).
 Results go to bench/results/compare_hooks_digits.{json,txt}.
 """
 
