@@ -20,20 +20,16 @@ Results go to bench/results/compare_hooks_digits.{json,txt}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from convergence import RESULTS, build_model, load_data, run_workers
+from convergence import RESULTS, build_model, run_workers, write_results
 from deft_kernels import DeftState, deft_hook
 
 HOOKS = ("allreduce", "powersgd", "deft")
@@ -87,20 +83,6 @@ def train_one(name: str, rank: int, world_size: int, args, data) -> dict:
             "train_loss": train_loss, "test_acc": test_acc}
 
 
-def worker(rank: int, world_size: int, port: int, args, names: list[str], out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=120))
-    try:
-        data = load_data(args.seed)
-        rows = [train_one(name, rank, world_size, args, data) for name in names]
-        if rank == 0:
-            Path(out).write_text(json.dumps(rows))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["hook"] == "allreduce"), None)
     lines = [f"{'hook':<10} {'bytes/step/worker':>18} {'vs all-reduce':>14} {'step ms':>8} {'train loss':>10} "
@@ -133,18 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup < 2 or args.epochs < 1 or args.rank < 1 or not 0 < args.density <= 1:
         p.error("--warmup must be >= 2, --epochs and --rank >= 1, --density in (0, 1]")
 
-    rows = run_workers(worker, args.workers, args.timeout, args, args.hooks)
+    rows = run_workers(train_one, args.workers, args.timeout, args, args.hooks)
     command = "python bench/compare_hooks.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# {command.strip()}\n# digits, MLP 64-256-128-10 ({rows[0]['numel']:,} params, one DDP bucket), "
               f"{args.workers} gloo workers (CPU), {args.epochs} epochs, global batch {args.batch}, warm-up "
               f"{args.warmup} dense steps, DEFT density {args.density}, PowerSGD rank {args.rank}, seed {args.seed}, "
               f"torch {torch.__version__}\n")
-    text = header + table(rows) + "\n"
-    print(text, end="")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".txt").write_text(text)
-    Path(args.out + ".json").write_text(json.dumps({"command": command.strip(), "config": vars(args), "rows": rows},
-                                                   indent=2) + "\n")
+    write_results(header + table(rows) + "\n", command, args, rows)
 
 
 if __name__ == "__main__":

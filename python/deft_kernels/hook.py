@@ -244,8 +244,9 @@ def deft_hook(state: DeftState, bucket: dist.GradBucket,
     ``TypeError`` saying so.
     """
     if fsdp_grads or isinstance(bucket, torch.Tensor):
-        raise TypeError("deft_hook is a DDP communication hook; FSDP's register_comm_hook passes gradient tensors, "
-                        "not a GradBucket, and DEFT does not support FSDP: wrap the model in DistributedDataParallel")
+        raise TypeError("bucket must be a torch.distributed.GradBucket, got a tensor: FSDP's register_comm_hook passes "
+                        "gradient tensors, and deft_hook, a DDP communication hook, does not support FSDP; wrap the "
+                        "model in DistributedDataParallel")
     if not isinstance(state, DeftState):
         raise TypeError(f"state must be a DeftState, got {type(state).__name__}")
     if not isinstance(bucket, dist.GradBucket):
