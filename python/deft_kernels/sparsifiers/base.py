@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import ops, planning
 from ..planning import offsets_of
 
 #: The ops that ``plan`` and ``select`` call, validation off: their inputs come from the planner,
@@ -94,12 +94,13 @@ class Sparsifier(ABC):
         self._offsets: torch.Tensor | None = None
 
     def budget(self, numel: int) -> int:
-        """k = int(d * N), the number of elements the step should send in total."""
-        return int(self.density * numel)
+        """k, the number of elements the step should send in total: ``int(d * N)``, at least 1 for
+        a non-empty vector (:func:`deft_kernels.planning.budget`)."""
+        return planning.budget(self.density, numel)
 
     def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
         """int64 offsets (length F + 1) of the fragments over the flat vector of tensors of the
-        given sizes: one fragment per tensor (DEFT overrides this with the spec's fragments)."""
+        given sizes: one fragment per tensor (DEFT overrides this with its fragments, docs/algorithm.md)."""
         return torch.tensor(offsets_of(sizes), dtype=torch.int64)
 
     def plan(self, acc: torch.Tensor, norms: torch.Tensor, offsets: torch.Tensor, world_size: int,
