@@ -57,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -158,25 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exit_with_error(message: str) -> None:
+def _exit_with_error(message: str) -> NoReturn:
     """One line on stderr and exit status 2, as argparse does for a bad option (without the usage,
     which would not help)."""
     print(f"deft-bench: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _check_optional_modules(args: argparse.Namespace) -> None:
     """Exit naming the ``[bench]`` extra when a module the options need cannot be imported (found
     at the start, not after the whole run)."""
-    skipped = {"tqdm": args.no_progress, "matplotlib": args.no_plot}
-    missing = []
-    for module, option in OPTIONAL_MODULES.items():
-        if skipped[module]:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append((module, option))
+    missing = [(module, option) for module, option in OPTIONAL_MODULES.items()
+               if not getattr(args, option[2:].replace("-", "_")) and not _importable(module)]
     if missing:
         _exit_with_error(f"{' and '.join(m for m, _ in missing)} not installed: pip install '{BENCH_EXTRA}' "
                          f"(or run with {' '.join(o for _, o in missing)})")
