@@ -2,7 +2,7 @@
 
 Layers, data flowing one way (each module's docstring explains its terms):
 
-- ``deft_kernels.ops``: validated entry points to the three kernel ops (registered as
+- ``deft_kernels.ops``: validated entry points to the kernel ops (registered as
   ``torch.ops.deft_kernels.*``; C++/OpenMP on CPU, CUDA/Triton on GPU);
   ``deft_kernels.reference`` holds their plain-PyTorch oracle.
 - ``deft_kernels.planning``: host-side DEFT planning (fragments, local k, bins, rotation), pure.
@@ -16,9 +16,13 @@ Layers, data flowing one way (each module's docstring explains its terms):
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
-from . import ops, reference  # noqa: F401
-from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack  # noqa: F401
-from .hook import DeftState, deft_hook  # noqa: F401
-from .training import GradientSparsifier  # noqa: F401
+from . import ops, reference, sparsifiers
+from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack, threshold_select
+from .hook import DeftState, deft_hook
+from .training import GradientSparsifier
 
 __version__ = "0.1.0"
+
+# The public names (help(deft_kernels) lists these; docs/api.md documents each).
+__all__ = ["DeftState", "deft_hook", "GradientSparsifier", "accumulate_norms", "segmented_topk", "sparse_pack",
+           "sparse_unpack", "threshold_select", "ops", "reference", "sparsifiers"]
