@@ -14,11 +14,10 @@ for the hard threshold and SIDCo, one partition per worker for MiCRO.
 
 **Host metadata (no hidden synchronisation).** The small index vectors that describe a call
 (``offsets``, ``k``, ``fragments``, ``thresholds``, ``segments``) may be CPU tensors next to CUDA
-values, as ``torch.topk`` takes
-``k`` as a host int; that is the sync-free way to call the ops on a GPU. The op is picked from the
-values' device; the kernel's glue reads the metadata on the host, uploads what the launch needs once
-(a non-blocking copy from pinned memory) and copies nothing back, and the validation here reads
-only the metadata, never the values. Metadata on the values' device is accepted too, but reading
+values, as ``torch.topk`` takes ``k`` as a host int; that is the sync-free way to call the ops on a
+GPU. The op is picked from the values' device; the kernel's glue reads the metadata on the host,
+uploads what the launch needs once (a non-blocking copy from pinned memory) and copies nothing
+back, and the validation here reads only the metadata, never the values. Metadata on the values' device is accepted too, but reading
 it (validation, or ``segmented_topk``'s launch plan) copies it to the host, which synchronises.
 Any other device is an error. (``threshold_select``'s output size depends on the data, so its CUDA
 kernel reads one count back however the metadata is passed.)
@@ -30,9 +29,10 @@ their ``indices``, which are data on the values' device: that check synchronises
 construction.
 
 On CUDA tensors, ``accumulate_norms``, ``segmented_topk`` and ``threshold_select`` run the CUDA
-kernels of the extension (``csrc/cuda``) when it was built with CUDA. Every op with no CUDA kernel there (all of them in a
-build without CUDA) gets a thin CUDA implementation that imports the Triton kernels
-(:mod:`deft_kernels.triton_ops`) on its first call, so ``import deft_kernels`` never imports triton.
+kernels of the extension (``csrc/cuda``) when it was built with CUDA. Every op with no CUDA kernel
+there (all of them in a build without CUDA) gets a thin CUDA implementation that imports the Triton
+kernels (:mod:`deft_kernels.triton_ops`) on its first call, so ``import deft_kernels`` never imports
+triton.
 """
 
 from __future__ import annotations
