@@ -8,7 +8,12 @@ GPU (the CUDA kernels are only built into the extension with a CUDA torch).
   generated ``c10/cuda/impl/cuda_cmake_macros.h``, so a two-line stand-in is supplied; nothing is
   linked, so this catches compile errors only;
 - the host planning of the CUDA top-k (``csrc/cuda/topk_plan.h``) is built and run as a host unit
-  test, ``tests/cpp/test_topk_plan.cpp``.
+  test, ``tests/cpp/test_topk_plan.cpp``;
+- the CUDA kernels themselves (``csrc/cuda/*_kernels.cuh``, with their launch sequences) are built
+  with the host compiler against a CPU emulation of the CUDA subset they use
+  (``tests/cpp/cuda_emulator.h``) and run against plain reference loops
+  (``tests/cpp/test_*_emulated.cpp``): their logic is tested here, their speed and anything the
+  emulation cannot show only on a GPU (the ``cuda`` cases of ``tests/test_op_<op>.py``).
 """
 
 import shutil
@@ -65,6 +70,16 @@ def test_torch_glue_passes_syntax_check(glue, tmp_path):
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
 def test_topk_plan_host_unit_test(tmp_path):
     exe = tmp_path / "test_topk_plan"
-    run([CXX, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", str(ROOT / "tests" / "cpp" / "test_topk_plan.cpp"),
+    run([CXX, "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}", f"-I{ROOT / 'tests' / 'cpp'}",
+         str(ROOT / "tests" / "cpp" / "test_topk_plan.cpp"),
          "-o", str(exe)])
     assert "topk_plan: ok" in run([str(exe)]).stdout
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+@pytest.mark.parametrize("name", ["topk", "norms"])
+def test_cuda_kernels_on_the_cpu_emulation(name, tmp_path):
+    exe = tmp_path / f"test_{name}_emulated"
+    run([CXX, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", f"-I{CSRC}",
+         f"-I{ROOT / 'tests' / 'cpp'}", str(ROOT / "tests" / "cpp" / f"test_{name}_emulated.cpp"), "-o", str(exe)])
+    assert f"{name}_emulated: ok" in run([str(exe)]).stdout

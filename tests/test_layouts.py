@@ -1,4 +1,4 @@
-from deft_kernels.benchmarks.layouts import gpt2_small_layout, resnet50_layout
+from deft_kernels.benchmarks.layouts import gpt2_small_layout, gpt2_xl_layout, resnet50_layout
 from deft_kernels.planning import offsets_of
 
 
@@ -12,6 +12,13 @@ def test_gpt2_small_layout_matches_published_parameter_count():
     layout = gpt2_small_layout()
     assert len(layout) == 148
     assert sum(n for _, n in layout) == 124_439_808
+
+
+def test_gpt2_xl_layout_matches_published_parameter_count():
+    layout = gpt2_xl_layout()
+    assert len(layout) == 580
+    assert sum(n for _, n in layout) == 1_557_611_200
+    assert max(n for _, n in layout) == 50257 * 1600  # the tied embedding
 
 
 def test_offsets_of_accepts_sizes_and_pairs():

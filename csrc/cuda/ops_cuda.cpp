@@ -1,11 +1,21 @@
-// Torch glue of the CUDA kernels: registers segmented_topk (segmented_topk.cu) under the CUDA
-// dispatch key of torch.ops.deft_kernels. The other ops get their CUDA implementation from the
-// Triton kernels (python/deft_kernels/triton_ops.py), registered from Python.
+// Torch glue of the CUDA kernels: registers segmented_topk (segmented_topk.cu) and accumulate_norms
+// (accumulate_norms.cu) under the CUDA dispatch key of torch.ops.deft_kernels. sparse_pack and
+// sparse_unpack get their CUDA implementation from the Triton kernels (deft_kernels.ops registers
+// them lazily, see there).
 //
-// Built only when the installed torch has CUDA (CMake option DEFT_WITH_CUDA). STATUS: it has not
-// been built against a CUDA torch nor run yet (written on a machine with a CPU torch and no GPU;
-// tests/test_cuda_compile.py only syntax-checks it there against torch's headers). The .cu side
-// takes raw pointers and a stream, so this file is the only one that sees both torch and CUDA.
+// Host metadata. offsets, k and fragments are small index vectors that the launch needs on the host
+// (the output size is sum(k), the launch plan depends on the sizes), so the sync-free way to call
+// these ops on CUDA values is with that metadata on the CPU, as torch.topk takes k as a host int:
+// the plan is built on the host, uploaded once with a non-blocking copy from pinned memory, and
+// nothing is copied back. Metadata on the values' device is accepted too; segmented_topk then
+// copies it to the host, which synchronises with the device (accumulate_norms reads device
+// offsets in place, unvalidated: its kernel never indexes outside them, see
+// accumulate_norms_kernels.cuh).
+//
+// Built only when the installed torch has CUDA (CMake option DEFT_WITH_CUDA). STATUS: the glue of
+// the first CUDA top-k was built and ran on an H200 at commit 8af8162; this version (host
+// metadata, new kernels, accumulate_norms) has only been compiled against torch's headers on a
+// machine without a GPU (tests/test_cuda_compile.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,81 +23,101 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 
+#include "cuda/accumulate_norms.cuh"
+#include "cuda/glue.h"
 #include "cuda/segmented_topk.cuh"
+#include "metadata_checks.h"
 
 namespace deft_kernels {
 namespace {
 
-// A host copy of a small int64 vector (offsets, k, fragment ids), checked like the CPU op checks it.
-at::Tensor host_index_vector(const at::Tensor& t, const char* name, const at::Tensor& values) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == values.device(), name, " is on ", t.device(), " but values is on ", values.device());
-  return t.to(at::kCPU).contiguous();
-}
-
 at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& k,
                                const c10::optional<at::Tensor>& fragments, int64_t index_base) {
-  TORCH_CHECK(values.is_cuda(), "values must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
-  const auto dtype = values.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "values must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  check_cuda_values(values, "values");
   TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
-
-  // The output size depends on k, so the small index vectors are read on the host (one
-  // synchronisation) and the launch plan is built there.
-  const at::Tensor off = host_index_vector(offsets, "offsets", values);
-  const at::Tensor kk = host_index_vector(k, "k", values);
+  const at::Tensor off = host_metadata(offsets, "offsets", at::kLong, values);
+  const at::Tensor kk = host_metadata(k, "k", at::kLong, values);
   const int64_t n = values.numel();
-  const int64_t num_frags = off.numel() - 1;
-  TORCH_CHECK(num_frags >= 0, "offsets must have at least one element (F + 1 for F fragments)");
   const int64_t* o = off.const_data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
-  TORCH_CHECK(o[num_frags] == n, "offsets[-1] must equal the vector length ", n, ", got ", o[num_frags]);
-  for (int64_t f = 0; f < num_frags; ++f)
-    TORCH_CHECK(o[f + 1] >= o[f], "offsets must be non-decreasing, but offsets[", f + 1, "] = ", o[f + 1],
-                " < offsets[", f, "] = ", o[f]);
+  check_offsets_data(o, off.numel(), n);
+  const int64_t num_frags = off.numel() - 1;
   TORCH_CHECK(kk.numel() == num_frags, "k must have one entry per fragment (", num_frags, "), got ", kk.numel());
   const int64_t* kp = kk.const_data_ptr<int64_t>();
   for (int64_t f = 0; f < num_frags; ++f)
     TORCH_CHECK(kp[f] >= 0 && kp[f] <= o[f + 1] - o[f], "k[", f, "] = ", kp[f], " must lie in [0, ", o[f + 1] - o[f],
                 "] (the size of fragment ", f, ")");
   at::Tensor fr;
-  const int64_t* fp = nullptr;
-  int64_t num_listed = num_frags;
+  cuda::FragmentList listed = cuda::all_fragments(num_frags);
   if (fragments.has_value()) {
-    fr = host_index_vector(*fragments, "fragments", values);
-    fp = fr.const_data_ptr<int64_t>();
-    num_listed = fr.numel();
-    for (int64_t i = 0; i < num_listed; ++i)
-      TORCH_CHECK(fp[i] >= 0 && fp[i] < num_frags, "fragments[", i, "] = ", fp[i], " is not a fragment id in [0, ",
-                  num_frags, ")");
+    fr = host_metadata(*fragments, "fragments", at::kLong, values);
+    listed = cuda::listed_fragments(fr.const_data_ptr<int64_t>(), fr.numel());
+    check_ids_data(listed.ids, listed.count, "fragments", "fragment", num_frags);
   }
 
-  const auto width = dtype == at::kFloat ? cuda::KeyWidth::k32 : cuda::KeyWidth::k16;
-  const cuda::TopkPlan plan = cuda::make_topk_plan(o, num_frags, kp, fp, num_listed, cuda::key_levels(width));
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto width = values.scalar_type() == at::kFloat ? cuda::KeyWidth::k32 : cuda::KeyWidth::k16;
+  const cuda::KeyFormat fmt = cuda::key_format(width);
+  const void* x = values.const_data_ptr();
+  const cuda::TopkPlan plan = cuda::make_topk_plan(o, kp, listed, fmt, cuda::vector_shift(x, fmt.vec));
+  TORCH_CHECK(plan.largest < (int64_t{1} << 32), "segmented_topk: a selected fragment has ", plan.largest,
+              " elements; the CUDA kernel counts a fragment's elements in 32 bits (at most 2^32 - 1)");
   at::Tensor out = at::empty({plan.total_out}, values.options().dtype(at::kLong));
   if (plan.total_out == 0) return out;
 
-  const c10::cuda::CUDAGuard guard(values.device());
-  const int64_t plan_size = static_cast<int64_t>(plan.data.size());
-  at::Tensor plan_host = at::empty({plan_size}, off.options());
-  std::memcpy(plan_host.mutable_data_ptr<int64_t>(), plan.data.data(), sizeof(int64_t) * plan_size);
-  const at::Tensor plan_device = plan_host.to(values.device());  // blocking copy: plan_host may go
+  const at::Tensor plan_device = upload(plan.data.data(), static_cast<int64_t>(plan.data.size()), values.device());
   at::Tensor workspace = at::empty({std::max<int64_t>(plan.workspace.bytes, 1)}, values.options().dtype(at::kByte));
-  const cudaError_t err = cuda::segmented_topk_launch(
-      width, values.const_data_ptr(), plan, plan_device.const_data_ptr<int64_t>(), workspace.mutable_data_ptr(),
-      index_base, out.mutable_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      cuda::segmented_topk_launch(width, x, n, plan, plan_device.const_data_ptr<int64_t>(),
+                                  workspace.mutable_data_ptr(), index_base, out.mutable_data_ptr<int64_t>(),
+                                  c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "segmented_topk: CUDA launch failed: ", cudaGetErrorString(err));
   return out;
 }
 
+at::Tensor accumulate_norms_cuda(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
+  check_cuda_values(grad, "grad");
+  check_cuda_values(residual, "residual");
+  TORCH_CHECK(grad.device() == residual.device(), "residual is on ", residual.device(), " but grad is on ",
+              grad.device());
+  TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "residual dtype ", residual.scalar_type(),
+              " must match grad dtype ", grad.scalar_type());
+  TORCH_CHECK(grad.numel() == residual.numel(), "residual length ", residual.numel(), " must match grad length ",
+              grad.numel());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, "offsets must be a 1-D int64 tensor");
+  TORCH_CHECK(offsets.numel() >= 1, "offsets must have at least one element (F + 1 for F fragments)");
+  TORCH_CHECK(offsets.device().is_cpu() || offsets.device() == grad.device(), "offsets is on ", offsets.device(),
+              " but must be on the CPU (no synchronisation) or on grad's device ", grad.device());
+  const int64_t num_frags = offsets.numel() - 1;
+
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor device_offsets;
+  if (offsets.device().is_cpu()) {
+    const at::Tensor off = offsets.contiguous();
+    check_offsets_data(off.const_data_ptr<int64_t>(), off.numel(), grad.numel());
+    device_offsets = upload(off.const_data_ptr<int64_t>(), off.numel(), grad.device());
+  } else {
+    device_offsets = offsets.contiguous();
+  }
+  at::Tensor norms = at::empty({num_frags}, grad.options().dtype(at::kFloat));
+  at::Tensor workspace =
+      at::empty({cuda::accumulate_norms_workspace_bytes(num_frags)}, grad.options().dtype(at::kByte));
+  const auto type = grad.scalar_type() == at::kFloat      ? cuda::FloatType::f32
+                    : grad.scalar_type() == at::kBFloat16 ? cuda::FloatType::bf16
+                                                          : cuda::FloatType::f16;
+  const cudaError_t err = cuda::accumulate_norms_launch(
+      type, grad.const_data_ptr(), residual.mutable_data_ptr(), grad.numel(), device_offsets.const_data_ptr<int64_t>(),
+      num_frags, workspace.mutable_data_ptr(), norms.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "accumulate_norms: CUDA launch failed: ", cudaGetErrorString(err));
+  return norms;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(deft_kernels, CUDA, m) { m.impl("segmented_topk", &segmented_topk_cuda); }
+TORCH_LIBRARY_IMPL(deft_kernels, CUDA, m) {
+  m.impl("segmented_topk", &segmented_topk_cuda);
+  m.impl("accumulate_norms", &accumulate_norms_cuda);
+}
 
 }  // namespace deft_kernels

@@ -18,25 +18,16 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/magnitude_key.h"
+#include "cuda/glue.h"
 #include "cuda/threshold_select.cuh"
 #include "metadata_checks.h"
 
 namespace deft_kernels {
 namespace {
-
-// A contiguous host copy of 1-D metadata of the given dtype that sits on the CPU or on values' device.
-at::Tensor on_host(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Tensor& values) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu() || t.device() == values.device(), name, " is on ", t.device(), " but values is on ",
-              values.device(), "; it must be on the CPU or on the values' device");
-  return t.to(at::kCPU).contiguous();
-}
 
 uint32_t key_threshold(at::ScalarType dtype, float t) {
   if (dtype == at::kFloat) return cpu::threshold_key<float>(t);
@@ -46,16 +37,12 @@ uint32_t key_threshold(at::ScalarType dtype, float t) {
 
 at::Tensor threshold_select_cuda(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& thresholds,
                                  const c10::optional<at::Tensor>& segments, int64_t index_base) {
-  TORCH_CHECK(values.is_cuda(), "values must be a CUDA tensor for the CUDA kernel");
-  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got shape ", values.sizes());
+  check_cuda_values(values, "values");
   const auto dtype = values.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "values must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
 
-  const at::Tensor off = on_host(offsets, "offsets", at::kLong, values);
-  const at::Tensor thr = on_host(thresholds, "thresholds", at::kFloat, values);
+  const at::Tensor off = host_metadata(offsets, "offsets", at::kLong, values);
+  const at::Tensor thr = host_metadata(thresholds, "thresholds", at::kFloat, values);
   const int64_t* o = off.const_data_ptr<int64_t>();
   check_offsets_data(o, off.numel(), values.numel());
   const int64_t num_segs = off.numel() - 1;
@@ -63,7 +50,7 @@ at::Tensor threshold_select_cuda(const at::Tensor& values, const at::Tensor& off
               thr.numel());
   c10::optional<at::Tensor> seg;
   if (segments.has_value()) {
-    seg = on_host(*segments, "segments", at::kLong, values);
+    seg = host_metadata(*segments, "segments", at::kLong, values);
     check_ids_data(seg->const_data_ptr<int64_t>(), seg->numel(), "segments", "segment", num_segs);
   }
   const std::vector<int64_t> listed = cpu::listed_ids(seg, num_segs);
@@ -79,12 +66,7 @@ at::Tensor threshold_select_cuda(const at::Tensor& values, const at::Tensor& off
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t plan_size = static_cast<int64_t>(plan.data.size());
-  at::Tensor plan_host = at::empty({plan_size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(plan_host.mutable_data_ptr<int64_t>(), plan.data.data(), sizeof(int64_t) * plan_size);
-  // Non-blocking from pinned memory: the caching host allocator keeps plan_host's block until the
-  // copy has run.
-  const at::Tensor plan_device = plan_host.to(index_options, /*non_blocking=*/true);
+  const at::Tensor plan_device = upload(plan.data.data(), static_cast<int64_t>(plan.data.size()), values.device());
 
   at::Tensor mask = at::empty({plan.num_tiles * cuda::kSelectTileWords}, values.options().dtype(at::kInt));
   at::Tensor tile_count = at::empty({plan.num_tiles}, index_options);

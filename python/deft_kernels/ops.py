@@ -12,9 +12,27 @@ empty. All index arithmetic is int64, so vectors past 2**31 elements are fine.
 ``threshold_select`` cuts the vector the same way and calls the pieces segments: the whole vector
 for the hard threshold and SIDCo, one partition per worker for MiCRO.
 
+**Host metadata (no hidden synchronisation).** The small index vectors that describe a call
+(``offsets``, ``k``, ``fragments``, ``thresholds``, ``segments``) may be CPU tensors next to CUDA
+values, as ``torch.topk`` takes ``k`` as a host int; that is the sync-free way to call the ops on a
+GPU. The op is picked from the values' device; the kernel's glue reads the metadata on the host,
+uploads what the launch needs once (a non-blocking copy from pinned memory) and copies nothing
+back, and the validation here reads only the metadata, never the values. Metadata on the values' device is accepted too, but reading
+it (validation, or ``segmented_topk``'s launch plan) copies it to the host, which synchronises.
+Any other device is an error. (``threshold_select``'s output size depends on the data, so its CUDA
+kernel reads one count back however the metadata is passed.)
+
 Checks that read tensor data (offsets increasing, k in range, indices in bounds) cost a pass over
-small tensors; on GPU they synchronize. Pass ``validate=False`` in hot loops whose inputs come from
-the planner, which builds them valid by construction.
+small tensors; on CPU metadata they never touch the GPU. ``sparse_pack``/``sparse_unpack`` check
+their ``indices``, which are data on the values' device: that check synchronises, so pass
+``validate=False`` in hot loops whose inputs come from the planner, which builds them valid by
+construction.
+
+On CUDA tensors, ``accumulate_norms``, ``segmented_topk`` and ``threshold_select`` run the CUDA
+kernels of the extension (``csrc/cuda``) when it was built with CUDA. Every op with no CUDA kernel
+there (all of them in a build without CUDA) gets a thin CUDA implementation that imports the Triton
+kernels (:mod:`deft_kernels.triton_ops`) on its first call, so ``import deft_kernels`` never imports
+triton.
 """
 
 from __future__ import annotations
@@ -44,12 +62,25 @@ def _check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor 
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
 
 
+def _check_metadata_device(ref_name: str, ref: torch.Tensor, **metadata: torch.Tensor | None) -> None:
+    for name, t in metadata.items():
+        if t is not None and isinstance(t, torch.Tensor) and t.device.type != "cpu" and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but must be on the CPU (no synchronisation) or on "
+                             f"{ref_name}'s device {ref.device}")
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU: itself if it is there, else a copy (which synchronises with its device)."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 def _check_offsets(offsets, n: int, validate: bool) -> None:
     _check_tensor("offsets", offsets, dtypes=(torch.int64,))
     if offsets.numel() < 1:
         raise ValueError("offsets must have at least one element (F + 1 for F fragments)")
     if not validate:
         return
+    offsets = _host(offsets)
     first, last = offsets[0].item(), offsets[-1].item()
     if first != 0:
         raise ValueError(f"offsets[0] must be 0, got {first}")
@@ -74,7 +105,8 @@ def _check_indices(indices, n: int, validate: bool) -> None:
 def _check_accumulate_norms_args(grad, residual, offsets, validate: bool) -> None:
     _check_tensor("grad", grad, dtypes=SUPPORTED_DTYPES)
     _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
-    _check_same_device("grad", grad, residual=residual, offsets=offsets)
+    _check_same_device("grad", grad, residual=residual)
+    _check_metadata_device("grad", grad, offsets=offsets)
     if residual.dtype != grad.dtype:
         raise TypeError(f"residual dtype {residual.dtype} must match grad dtype {grad.dtype}")
     if residual.numel() != grad.numel():
@@ -86,7 +118,7 @@ def _check_accumulate_norms_args(grad, residual, offsets, validate: bool) -> Non
 
 def _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate: bool) -> None:
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    _check_same_device("values", values, offsets=offsets, k=k, fragments=fragments)
+    _check_metadata_device("values", values, offsets=offsets, k=k, fragments=fragments)
     _check_offsets(offsets, values.numel(), validate)
     _check_tensor("k", k, dtypes=(torch.int64,))
     num_frags = offsets.numel() - 1
@@ -97,13 +129,14 @@ def _check_segmented_topk_args(values, offsets, k, fragments, index_base, valida
     if not isinstance(index_base, int) or index_base < 0:
         raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
     if validate:
+        offsets, k = _host(offsets), _host(k)
         sizes = offsets[1:] - offsets[:-1]
         bad = (k < 0) | (k > sizes)
         if bool(bad.any()):
             f = int(torch.nonzero(bad)[0])
             raise ValueError(f"k[{f}] = {int(k[f])} must lie in [0, {int(sizes[f])}] (the size of fragment {f})")
         if fragments is not None and fragments.numel() > 0:
-            lo, hi = torch.aminmax(fragments)
+            lo, hi = torch.aminmax(_host(fragments))
             if lo.item() < 0 or hi.item() >= num_frags:
                 raise ValueError(f"fragments must hold fragment ids in [0, {num_frags}), "
                                  f"got values in [{lo.item()}, {hi.item()}]")
@@ -111,12 +144,7 @@ def _check_segmented_topk_args(values, offsets, k, fragments, index_base, valida
 
 def _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate: bool) -> None:
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    # The small metadata may sit on the CPU next to values on a GPU: the kernels read it on the host,
-    # and checking it there never synchronises with the device.
-    for name, t in (("offsets", offsets), ("thresholds", thresholds), ("segments", segments)):
-        if isinstance(t, torch.Tensor) and t.device not in (values.device, torch.device("cpu")):
-            raise ValueError(f"{name} is on {t.device} but values is on {values.device}; it must be on the CPU "
-                             "or on the values' device")
+    _check_metadata_device("values", values, offsets=offsets, thresholds=thresholds, segments=segments)
     _check_offsets(offsets, values.numel(), validate)
     _check_tensor("thresholds", thresholds, dtypes=(torch.float32,))
     num_segs = offsets.numel() - 1
@@ -167,6 +195,7 @@ def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.
     the dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment is returned.
     ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in place) and
     have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
+    ``offsets`` may be a CPU tensor next to CUDA data (uploaded without synchronising).
     """
     _check_accumulate_norms_args(grad, residual, offsets, validate)
     return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)
@@ -186,6 +215,9 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
     ``k`` (int64, one entry per fragment, ``0 <= k[f] <= size_f``) is indexed by fragment id, so a
     worker passes the full ``k`` and the ids of the fragments in its bin. ``index_base`` shifts
     every returned index, for a vector that is a slice of a larger flat gradient.
+
+    On CUDA values pass ``offsets``, ``k`` and ``fragments`` as CPU tensors: the call then never
+    waits for the GPU (metadata on the GPU is copied to the host first, which synchronises).
     """
     _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate)
     return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
@@ -260,16 +292,39 @@ def _(residual, indices, values, scale):
     return torch.empty_like(residual)
 
 
-def _register_triton_kernels() -> None:
-    # The Triton kernels (deft_kernels.triton_ops) serve as the CUDA implementation of every op the
-    # C++ extension has no CUDA kernel for. Triton is an optional dependency: without it, CUDA
-    # tensors reach only the kernels the extension was built with.
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:
-        from . import triton_ops
-
-        triton_ops.register_cuda_impls()
+# The ops whose CUDA implementation falls back to the Triton kernels when the extension has no CUDA
+# kernel for them, and those it does serve that way in this process.
+_TRITON_FALLBACK_OPS = ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack")
+TRITON_FALLBACK: list[str] = []
+_FALLBACK_LIB = None
 
 
-_register_triton_kernels()
+def _triton_fallback(name: str):
+    def impl(*args):
+        try:
+            from . import triton_ops  # first use: import deft_kernels never imports triton
+        except ImportError as e:
+            raise RuntimeError(f"deft_kernels.{name} on CUDA tensors needs the Triton kernels (pip install triton): "
+                               f"this build of the extension has no CUDA kernel for it") from e
+        return getattr(triton_ops, f"_{name}")(*args)
+
+    impl.__name__ = f"{name}_triton_fallback"
+    return impl
+
+
+def _register_triton_fallbacks() -> list[str]:
+    """Registers, under the CUDA dispatch key, a thin implementation that calls the Triton kernel
+    (imported on first use) for every op that has no CUDA kernel. Returns the names it registered;
+    calling it again registers nothing."""
+    global _FALLBACK_LIB
+    missing = [name for name in _TRITON_FALLBACK_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deft_kernels::{name}", "CUDA")]
+    if missing and _FALLBACK_LIB is None:
+        _FALLBACK_LIB = torch.library.Library("deft_kernels", "IMPL")
+    for name in missing:
+        _FALLBACK_LIB.impl(name, _triton_fallback(name), "CUDA")
+        TRITON_FALLBACK.append(name)
+    return missing
+
+
+_register_triton_fallbacks()

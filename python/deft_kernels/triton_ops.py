@@ -1,4 +1,12 @@
-"""Triton kernels of the ops, the GPU implementation where the C++ extension has none.
+"""Triton kernels of the ops: the GPU implementation for builds of the extension without CUDA.
+
+Where the extension was built with CUDA, ``segmented_topk``, ``accumulate_norms`` and
+``threshold_select`` run its CUDA kernels and only ``sparse_pack``/``sparse_unpack`` come from here.
+The Triton top-k is kept for builds without CUDA and as a simple cross-check; it is not a DEFT result
+and the GPU benchmark reports it as "Triton fallback": on an H200 (first GPU run, commit 8af8162) it
+was 4-7x slower than the CUDA kernel of that time and slower than one ``torch.topk`` over the whole
+vector. :mod:`deft_kernels.ops` registers these functions lazily (this module, and triton, are
+imported on the first CUDA call that needs them).
 
 Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernels.reference`):
 
@@ -13,9 +21,8 @@ Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernel
   into a per-fragment histogram, and a small kernel picks the digit holding the k-th largest key.
   Then each tile counts its keys above the threshold and equal to it, a prefix sum over the tiles
   gives each tile its output offset and how many threshold ties it takes (lower indices first), and
-  a last pass writes the indices in order with ``tl.cumsum``. Unlike the CUDA kernel it re-reads the
-  listed fragments on every pass (no candidate buffer): it is the simple baseline the CUDA kernel is
-  benchmarked against.
+  a last pass writes the indices in order with ``tl.cumsum``. It re-reads the listed fragments on
+  every pass (no candidate buffer).
 - ``threshold_select``: the listed segments are cut into tiles; one pass counts each tile's
   selected elements (``|x| >= t`` in fp32 and ``x != 0``, or NaN), a prefix sum over the tiles gives
   each its output offset, and a second pass writes the indices in order with ``tl.cumsum``. The
@@ -23,8 +30,12 @@ Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernel
 - ``sparse_pack`` / ``sparse_unpack``: gather, and scatter into a zeroed output while zeroing the
   residual at the same indices, in one pass over the indices.
 
+Host metadata as in :mod:`deft_kernels.ops`: ``offsets``, ``k`` and ``fragments`` may be CPU
+tensors next to CUDA values; what the kernels need of them is built on the host and uploaded once,
+non-blocking from pinned memory, and nothing is copied back.
+
 Every function here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the test suite runs
-them on machines without a GPU). Status: tested in the interpreter only; not yet run on a GPU.
+them on machines without a GPU). The first GPU run (commit 8af8162) ran them on an H200.
 
 Index and offset arguments that the ops layer validates (``validate=True``) are not re-checked on
 the device here, since that needs a synchronisation: out-of-range indices are skipped (masked),
@@ -41,7 +52,7 @@ import triton.language as tl
 from . import ops as _ops
 
 __all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack",
-           "register_cuda_impls"]
+           "register_cuda_impls", "REGISTERED"]
 
 # Bits of the magnitude key as a signed integer of the dtype's width, and the radix digits
 # (shift, width) from the top. The top digit is histogrammed over the most elements, so it is widest.
@@ -53,6 +64,20 @@ NORM_BLOCK = 4096
 PACK_BLOCK = 1024
 TOPK_BLOCK = 4096
 SELECT_BLOCK = 4096
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: one non-blocking copy from pinned memory (torch's caching host
+    allocator keeps the pinned block until the copy is done), so the host never waits."""
+    if t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _upload_all(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host int64 arrays on ``device`` with one upload (see _upload): views of one packed tensor."""
+    packed = _upload(torch.cat([a.to(torch.int64) for a in arrays]), device)
+    return torch.split(packed, [a.numel() for a in arrays])
 
 
 def _check_block(block) -> None:
@@ -101,6 +126,7 @@ def _accumulate_norms_kernel(g_ptr, g_stride, r_ptr, off_ptr, flo_ptr, fhi_ptr, 
 def _accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     n = residual.numel()
     num_frags = offsets.numel() - 1
+    offsets = _upload(offsets.contiguous(), residual.device)
     sums = torch.zeros(num_frags, dtype=torch.float64, device=residual.device)
     if n > 0 and num_frags > 0:
         starts = torch.arange(0, n, NORM_BLOCK, dtype=torch.int64, device=residual.device)
@@ -308,9 +334,9 @@ def _segmented_topk(values, offsets, k, fragments=None, index_base: int = 0, blo
     off = offsets.cpu()
     seg_begin, seg_end = off[frag], off[frag + 1]
     tile_seg, seg_first_tile, tile_begin = _tiles(seg_begin, seg_end, block)
-    tile_seg, seg_first_tile, tile_begin, seg_end, seg_k, seg_out = (
-        t.to(device) for t in (tile_seg, seg_first_tile, tile_begin, seg_end, seg_k, seg_out))
     num_tiles = tile_seg.numel()
+    tile_seg, tile_begin, seg_first_tile, seg_end, seg_k, seg_out = _upload_all(
+        (tile_seg, tile_begin, seg_first_tile, seg_end, seg_k, seg_out), device)
 
     int_dtype, key_mask, digits = _KEY[values.dtype]
     bits = values.view(int_dtype)
@@ -391,7 +417,8 @@ def _threshold_select(values, offsets, thresholds, segments=None, index_base: in
     num_tiles = tile_seg.numel()
     if num_tiles == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    tiles = (values, values.stride(0), *(t.to(device) for t in (tile_seg, tile_begin, off[seg + 1], thr[seg].float())))
+    tiles = (values, values.stride(0), *_upload_all((tile_seg, tile_begin, off[seg + 1]), device),
+             _upload(thr[seg].float(), device))
     count = torch.empty(num_tiles, dtype=torch.int64, device=device)
     _select_count_kernel[(num_tiles,)](*tiles, count, BLOCK=block)
     tile_out = torch.cumsum(count, 0) - count
@@ -412,25 +439,9 @@ def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: to
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration as the CUDA implementation of torch.ops.deft_kernels.*
+# Registration: deft_kernels.ops registers these functions as the CUDA implementation of the ops
+# the extension has no CUDA kernel for (at import, lazily). The names below are that list and that
+# (idempotent) registration.
 
-_LIB = None
-# The ops whose CUDA implementation is the Triton kernel (the rest come from the C++ extension).
-REGISTERED: list[str] = []
-
-
-def register_cuda_impls() -> list[str]:
-    """Registers the Triton kernels under the CUDA dispatch key of every deft_kernels op that has no
-    CUDA kernel yet (the C++ extension, when built with CUDA, provides ``segmented_topk``). Returns
-    the names registered; calling it again registers nothing."""
-    global _LIB
-    impls = {"accumulate_norms": _accumulate_norms, "segmented_topk": _segmented_topk,
-             "threshold_select": _threshold_select, "sparse_pack": _sparse_pack, "sparse_unpack": _sparse_unpack}
-    missing = [name for name in impls
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deft_kernels::{name}", "CUDA")]
-    if missing and _LIB is None:
-        _LIB = torch.library.Library("deft_kernels", "IMPL")
-    for name in missing:
-        _LIB.impl(name, impls[name], "CUDA")
-        REGISTERED.append(name)
-    return missing
+REGISTERED = _ops.TRITON_FALLBACK
+register_cuda_impls = _ops._register_triton_fallbacks

@@ -6,7 +6,7 @@ computed from their architecture alone: benchmarks of the ops need the layout, n
 
 from __future__ import annotations
 
-__all__ = ["resnet50_layout", "gpt2_small_layout"]
+__all__ = ["resnet50_layout", "gpt2_small_layout", "gpt2_xl_layout"]
 
 
 def _bottleneck_stage(prefix: str, in_ch: int, width: int, blocks: int) -> tuple[list[tuple[str, int]], int]:
@@ -48,3 +48,8 @@ def gpt2_small_layout(vocab: int = 50257, context: int = 1024, dim: int = 768, l
                    (f"{p}.mlp.c_proj.weight", 4 * dim * dim), (f"{p}.mlp.c_proj.bias", dim)]
     return layout + [("ln_f.weight", dim), ("ln_f.bias", dim)]
 
+
+def gpt2_xl_layout() -> list[tuple[str, int]]:
+    """GPT-2 XL, the same architecture 48 layers deep and 1600 wide: 1,557,611,200 parameters in
+    580 tensors (the 1.56B layout of the GPU benchmark)."""
+    return gpt2_small_layout(dim=1600, layers=48)

@@ -1,0 +1,21 @@
+// Real launches for the kernel headers (see device_util.cuh): what tests/cpp/cuda_emulator.h
+// provides on the CPU. Included by the .cu files only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace deft_kernels::cuda {
+
+template <class... P, class... A>
+cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream, A&&... args) {
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+  return cudaGetLastError();
+}
+
+inline cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t stream) {
+  return cudaMemsetAsync(p, value, bytes, stream);
+}
+
+}  // namespace deft_kernels::cuda
