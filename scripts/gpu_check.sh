@@ -7,7 +7,8 @@
 # left, and are skipped when too little is):
 #   build        the extension with the CUDA kernels (sm_90, with the python3 there; no downloads);
 #                if that fails, a build without CUDA so the Triton paths are still checked
-#   tests        the per-op tests (their cuda and triton cases run on the GPU) and tests/test_gpu*.py
+#   tests        the per-op tests (their cuda and triton cases run on the GPU), tests/test_gpu*.py and
+#                tests/test_cxx_runtime.py (the module's C++ runtime bindings)
 #   bench        bench/bench_gpu.py: correctness, then timings against torch and issue 9's targets
 #   integration  bench/gpu_integration.py: DDP hook and GradientSparsifier on CUDA, gloo x2 and NCCL x1
 #   deft-bench   the worker-count benchmark on CUDA: ResNet-50, then GPT-2 small if time is left
@@ -23,6 +24,10 @@ LOG=$OUT/gpu_check.log
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export PY=${PYTHON:-python3} OUT
+# torch's CMake config takes the CUDA architectures from TORCH_CUDA_ARCH_LIST (or detects the GPU) and
+# ignores CMAKE_CUDA_ARCHITECTURES; without a visible GPU it picks 11 architectures, sm_50 among them,
+# which nvcc 13 rejects.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 BUDGET=${GPU_CHECK_BUDGET_S:-360}
 T0=$(date +%s)
 SUMMARY=()
@@ -72,7 +77,7 @@ build_cpu_only() {
 }
 run_tests() {
   local files=() opts=()
-  for f in tests/test_op_*.py tests/test_gpu*.py; do [[ -e $f ]] && files+=("$f"); done
+  for f in tests/test_op_*.py tests/test_gpu*.py tests/test_cxx_runtime.py; do [[ -e $f ]] && files+=("$f"); done
   # Worker processes (pytest-xdist): a test that crashes its process fails alone instead of ending
   # the run; pytest-timeout: a hung test fails alone.
   "$PY" -c "import xdist" 2>/dev/null && opts+=(-n 2)
@@ -98,6 +103,12 @@ if ! stage build 240 build_cuda; then
   stage build-without-cuda 200 build_cpu_only || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 fi
 "$PY" -c "import deft_kernels.ops as o; print('served by the Triton fallback on CUDA:', o.TRITON_FALLBACK)"
+# How the module is linked (the SIGSEGV of the first GPU run: C++ runtime calls split between
+# libstdc++.so.6 and torch's exported copies; tests/test_cxx_runtime.py checks the bindings).
+c++ --version | head -1; nvcc --version | tail -1
+MODULE=$("$PY" -c "import torch, deft_kernels._C as c; print(c.__file__)")
+readelf -d "$MODULE" | grep -E 'NEEDED|RUNPATH'
+ldd "$MODULE" | grep -E 'libstdc|libgcc_s|cudart'
 stage tests 150 run_tests
 stage bench 150 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json"
 stage integration 150 "$PY" bench/gpu_integration.py --json "$OUT/integration.json"
