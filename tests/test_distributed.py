@@ -15,17 +15,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deft_kernels.simulate import simulate
 from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, TopK, build
+
+from multiproc import init_gloo, spawn
 
 SEED = 1234
 STEPS = 4
@@ -99,7 +97,10 @@ def error_of(call) -> str:
 
 
 def bad_input_checks(rank: int) -> dict:
-    """Each check raises before any collective, so ranks cannot hang on it."""
+    """Bad input on every rank at once (each raises its own error after the step's header exchange,
+    see tests/test_exchange_faults.py for one bad rank among healthy ones), on one rank only at the
+    first step (the setup agreement), and a world size that changed (raised before any collective:
+    the call is on another group, alone)."""
     g = make_grad(rank, 0, SIZES, torch.float32)
     s = TopK(0.1)
     s.step(g, sizes=SIZES)
@@ -135,9 +136,7 @@ def bad_input_checks(rank: int) -> dict:
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, port)
     try:
         results = {}
         for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items():
@@ -157,21 +156,9 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(world_size: int, out_dir) -> list[dict]:
-    """Spawn the ranks, wait at most SPAWN_TIMEOUT_S (then kill them and fail), load their files."""
-    context = mp.spawn(worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} ranks did not finish in {SPAWN_TIMEOUT_S} s (a hung collective?)")
+    """Spawn the ranks (killed past SPAWN_TIMEOUT_S), load their files."""
+    spawn(worker, world_size, str(out_dir), timeout=SPAWN_TIMEOUT_S)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 

@@ -9,48 +9,24 @@ input), except hook vs plain API with more than 2 ranks (see there).
 
 import io
 import pickle
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, GradientSparsifier, deft_hook
 
+from multiproc import init_gloo, spawn
+
 SPAWN_TIMEOUT_S = 240
 WARMUP = 2
 STEPS = 6
 DENSITY = 0.05
 SPARSIFIERS = ("deft", "topk", "cltk")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> None:
-    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` processes; kill them all and fail
-    if they are not done within ``timeout`` seconds (a hung collective must not hang the suite)."""
-    ctx = mp.start_processes(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"{world_size} ranks still running after {timeout} s: killed (hung collective?)")
 
 
 def _model() -> nn.Module:
@@ -109,9 +85,7 @@ def _exact(actual, expected, msg):
 
 
 def _worker(rank, world_size, port, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world_size, port)
     try:
         tmp = Path(tmp)
         batches = _batches(rank, STEPS)
@@ -210,7 +184,7 @@ def _worker(rank, world_size, port, tmp):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_hook_with_processes(world_size, tmp_path):
-    spawn(_worker, world_size, str(tmp_path))
+    spawn(_worker, world_size, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
 
 
 # ---- single process: argument checks of the hook's state ----

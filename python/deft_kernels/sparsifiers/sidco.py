@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from ..transfer import to_host
 from .base import Sparsifier, indices_at_least
 
 FIRST_STAGE_FITS = ("exponential", "gamma", "gpareto")
@@ -70,7 +71,7 @@ class SIDCo(Sparsifier):
             raise TypeError("values must be a float tensor")
         x = values.detach().abs().float().flatten()
         finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        if not to_host(finite.all())[0].item():
             x = x[finite]
         if self.density >= 1.0:
             return 0.0
@@ -97,7 +98,8 @@ class SIDCo(Sparsifier):
 
 def _moments(x: torch.Tensor) -> tuple[float, float]:
     var, mean = torch.var_mean(x, correction=0)
-    return float(mean), float(var)
+    mean, var = to_host(torch.stack([mean, var]))[0].tolist()
+    return mean, var
 
 
 def _first_stage(x: torch.Tensor, ratio: float, fit: str) -> float:
