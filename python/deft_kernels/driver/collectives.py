@@ -74,9 +74,8 @@ def union(parts: list[torch.Tensor], disjoint: bool, device: torch.device) -> to
     return torch.sort(every).values if disjoint else torch.unique(every, sorted=True)
 
 
-def _parts(proposals: list[torch.Tensor], request: GatherUnion, device: torch.device) -> list[torch.Tensor]:
-    fixed = [] if request.fixed is None else [request.fixed.to(device)]
-    return [*proposals, *fixed]
+def _parts(proposals: list[torch.Tensor], request: GatherUnion) -> list[torch.Tensor]:
+    return proposals if request.fixed is None else [*proposals, request.fixed]
 
 
 # ---- torch.distributed ----------------------------------------------------------------------------
@@ -117,7 +116,7 @@ class TorchCollectives:
             device, counts = request.mine.device, request.counts
             longest = max(counts)
             if longest == 0:  # gloo hangs on zero-length collectives; every rank knows the counts
-                return _future(union(_parts([], request, device), request.disjoint, device), device)
+                return _future(union(_parts([], request), request.disjoint, device), device)
             padded = request.mine.new_zeros(longest)
             padded[: request.mine.numel()] = request.mine
             outs = [torch.empty_like(padded) for _ in range(self.world_size)]
@@ -125,7 +124,7 @@ class TorchCollectives:
 
             def merge(f):
                 f.value()  # raises the collective's error, if any
-                return union(_parts([o[:c] for o, c in zip(outs, counts)], request, device), request.disjoint, device)
+                return union(_parts([o[:c] for o, c in zip(outs, counts)], request), request.disjoint, device)
 
             return work.get_future().then(merge)
         raise TypeError(f"not a collective request: {request!r}")
@@ -232,7 +231,7 @@ def _resolve(requests: list[Request]) -> list[Any]:
                 [r.mine.numel() for r in requests] != first.counts:
             raise RuntimeError(f"simulated ranks disagree on the proposal counts {[r.counts for r in requests]}")
         device = first.mine.device
-        return [union(_parts([r.mine for r in requests], first, device), first.disjoint, device)] * n
+        return [union(_parts([r.mine for r in requests], first), first.disjoint, device)] * n
     tensors = [r.tensor for r in requests]
     shapes = {(tuple(t.shape), t.dtype) for t in tensors}
     if len(shapes) > 1:

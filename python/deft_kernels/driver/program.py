@@ -197,7 +197,7 @@ class _Header:
 
 def _header_row(code: int, count: int, used: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat([to_device(torch.tensor([code, count], dtype=torch.int64), device),
-                      used.to(device=device, dtype=torch.int64)])
+                      to_device(used.to(torch.int64), device)])
 
 
 def _used_flags(used: torch.Tensor | None, layout: Layout) -> torch.Tensor:
@@ -271,7 +271,7 @@ def _agree_on_setup(sp, grad, sizes, code, error, world_size) -> Program:
     else:
         mine = [0, -1, 0]
     device = grad.device if isinstance(grad, torch.Tensor) else torch.device("cpu")
-    rows = yield AllGather(torch.tensor(mine, dtype=torch.int64, device=device))
+    rows = yield AllGather(to_device(torch.tensor(mine, dtype=torch.int64), device))
     (rows,) = to_host(torch.stack(rows))
     every = [tuple(row) for row in rows.tolist()]
     if code:
@@ -390,7 +390,7 @@ def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Pro
     if sp.header_at == "with_values":
         block = torch.zeros(n + len(layout.sizes), dtype=torch.float32, device=device)
         block[rank] = code
-        block[n:] = used.to(device=device, dtype=torch.float32)
+        block[n:] = to_device(used.to(torch.float32), device)
         total = yield AllReduce(torch.cat([values, block]))
         laps.waited()
         (block,) = to_host(total[m:])
