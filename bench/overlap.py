@@ -24,7 +24,6 @@ the command, the machine). Every spawn has a hard timeout.
 import argparse
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -41,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, deft_hook
+from deft_kernels.benchmarks.worker_count import machine_info
 from deft_kernels.sparsifiers import SPARSIFIERS
 
 MODES = ("alone", "ddp", "blocking", "async")
@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.density <= 1 or args.bucket_mb <= 0 or args.timeout <= 0:
         p.error("--density must lie in (0, 1]; --bucket-mb and --timeout must be positive")
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load_start = os.getloadavg()[0]
+    machine = machine_info("cpu")
+    cores, load_start = machine["cpus_usable"], machine["load_average_start"][0]
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_ranks(args, tmp)
     summary = summarize(ranks)
@@ -182,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{stem}.txt").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps({
         "command": command, "config": vars(args), "parameters": params,
-        "machine": {"cores": cores, "cpu": platform.processor(), "torch": torch.__version__,
-                    "load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
-        "summary": summary, "ranks": ranks}, indent=1) + "\n")
+        "machine": machine | {"load_average_end": os.getloadavg()[0]}, "summary": summary, "ranks": ranks},
+        indent=1) + "\n")
     print(f"wrote {stem}.txt, {stem}.json")
     return 0
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from deft_kernels.simulate import simulate
 from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, TopK, build
 
-from multiproc import init_gloo, spawn
+from multiproc import gloo_rank, run
 
 SEED = 1234
 STEPS = 4
@@ -135,38 +135,29 @@ def bad_input_checks(rank: int) -> dict:
     return errors
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, world_size, port)
-    try:
-        results = {}
-        for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items():
-            s = recording(build(name, density, **kwargs))
-            steps = []
-            for t in range(STEPS):
-                out, stats = s.step(make_grad(rank, t, sizes, dtype), sizes=sizes)
-                steps.append({"out": out, "residual": None if s.residual is None else s.residual.clone(),
-                              "stats": dataclasses.asdict(stats)})
-            digests = [None] * world_size
-            dist.all_gather_object(digests, [seen["plan"] for seen in s.seen])
-            results[label] = {"steps": steps, "seen": s.seen, "digests": digests,
-                              "state": s.state_dict()}
-        results["errors"] = bad_input_checks(rank)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(world_size: int, out_dir) -> list[dict]:
-    """Spawn the ranks (killed past SPAWN_TIMEOUT_S), load their files."""
-    spawn(worker, world_size, str(out_dir), timeout=SPAWN_TIMEOUT_S)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+@gloo_rank
+def worker(rank: int, world_size: int, out_dir) -> dict:
+    results = {}
+    for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items():
+        s = recording(build(name, density, **kwargs))
+        steps = []
+        for t in range(STEPS):
+            out, stats = s.step(make_grad(rank, t, sizes, dtype), sizes=sizes)
+            steps.append({"out": out, "residual": None if s.residual is None else s.residual.clone(),
+                          "stats": dataclasses.asdict(stats)})
+        digests = [None] * world_size
+        dist.all_gather_object(digests, [seen["plan"] for seen in s.seen])
+        results[label] = {"steps": steps, "seen": s.seen, "digests": digests,
+                          "state": s.state_dict()}
+    results["errors"] = bad_input_checks(rank)
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"n{n}")
 def world(request, tmp_path_factory):
     """(n, per-rank results, per-config simulations) for one spawn of n ranks."""
     n = request.param
-    ranks = run_ranks(n, tmp_path_factory.mktemp(f"ranks{n}"))
+    ranks = run(worker, n, tmp_path_factory.mktemp(f"ranks{n}"), timeout=SPAWN_TIMEOUT_S)
     sims = {label: simulate(name, density, [[make_grad(r, t, sizes, dtype) for t in range(STEPS)] for r in range(n)],
                             sizes=sizes, **kwargs)
             for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items()}

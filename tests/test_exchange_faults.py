@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from deft_kernels import DeftState, GradientSparsifier, deft_hook
 from deft_kernels.sparsifiers import SPARSIFIERS, build
 
-from multiproc import init_gloo, spawn
+from multiproc import gloo_rank, run
 
 KWARGS = {"threshold": {"threshold": 0.5}}
 
@@ -47,39 +47,35 @@ def _spiky_fp16(numel: int) -> torch.Tensor:
     return g.half()
 
 
-def _fp16_worker(rank, world_size, port, out):
-    init_gloo(rank, world_size, port)
-    try:
-        seen = {}
-        for name in sorted(SPARSIFIERS):  # one step: the residual starts at zero, nothing piles up
-            seen[name] = _sparsifier(name, 0.1).step(_spiky_fp16(400), sizes=[100, 300])[0]
-        # The plain API and the hook on an fp16 model whose weight gradient is the spiky vector.
-        for api in ("plain", "hook"):
-            model = nn.Linear(64, 1, bias=False).half()
-            nn.init.zeros_(model.weight)
-            x = _spiky_fp16(64)[None]
-            if api == "hook":
-                net = DDP(model)
-                net.register_comm_hook(DeftState(sparsifier="topk", density=0.25, warmup_steps=1), deft_hook)
-            else:
-                net = model
-                gs = GradientSparsifier(model, sparsifier="topk", density=0.25, warmup_steps=1)
-            for t in range(3):  # warm-up, then two sparse steps
-                model.zero_grad()
-                net(x).sum().backward()
-                if api == "plain":
-                    gs.step()
-                seen[f"{api} step {t}"] = model.weight.grad.flatten().clone()
-        torch.save(seen, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+@gloo_rank
+def _fp16_worker(rank, world_size, out_dir):
+    seen = {}
+    for name in sorted(SPARSIFIERS):  # one step: the residual starts at zero, nothing piles up
+        seen[name] = _sparsifier(name, 0.1).step(_spiky_fp16(400), sizes=[100, 300])[0]
+    # The plain API and the hook on an fp16 model whose weight gradient is the spiky vector.
+    for api in ("plain", "hook"):
+        model = nn.Linear(64, 1, bias=False).half()
+        nn.init.zeros_(model.weight)
+        x = _spiky_fp16(64)[None]
+        if api == "hook":
+            net = DDP(model)
+            net.register_comm_hook(DeftState(sparsifier="topk", density=0.25, warmup_steps=1), deft_hook)
+        else:
+            net = model
+            gs = GradientSparsifier(model, sparsifier="topk", density=0.25, warmup_steps=1)
+        for t in range(3):  # warm-up, then two sparse steps
+            model.zero_grad()
+            net(x).sum().backward()
+            if api == "plain":
+                gs.step()
+            seen[f"{api} step {t}"] = model.weight.grad.flatten().clone()
+    return seen
 
 
 @pytest.mark.slow
 def test_fp16_mean_of_large_values_does_not_overflow(tmp_path):
-    spawn(_fp16_worker, 4, str(tmp_path), timeout=180)
-    for rank in range(4):
-        for what, out in torch.load(tmp_path / f"rank{rank}.pt").items():
+    for rank, seen in enumerate(run(_fp16_worker, 4, tmp_path, timeout=180)):
+        for what, out in seen.items():
             assert out.dtype == torch.float16, (rank, what, out.dtype)
             assert bool(torch.isfinite(out).all()), (rank, what, int((~torch.isfinite(out)).sum()))
             if what in SPARSIFIERS:  # the step's output: the mean of identical gradients, where sent
@@ -101,38 +97,34 @@ def _grad(rank: int, step: int) -> torch.Tensor:
     return torch.randn(sum(SIZES), generator=gen)
 
 
-def _bad_input_worker(rank, world_size, port, out):
-    init_gloo(rank, world_size, port, timeout_s=30)  # a hang shows as a timeout well inside the spawn's
-    try:
-        seen = {}
-        for name in sorted(SPARSIFIERS):
-            for bad_rank, how, _ in BAD_INPUTS:
-                sp = _sparsifier(name, 0.05)
-                sp.step(_grad(rank, 0), sizes=SIZES)
-                g = _grad(rank, 1)
-                sizes = SIZES
-                if rank == bad_rank and how == "longer":
-                    g, sizes = torch.cat([g, g[:9]]), SIZES[:-1] + [SIZES[-1] + 9]
-                elif rank == bad_rank:
-                    g = g.half()
-                start = time.monotonic()
-                try:
-                    sp.step(g, sizes=sizes)
-                    error = "no error"
-                except Exception as e:  # noqa: BLE001 -- the parent checks which
-                    error = f"{type(e).__name__}: {e}"
-                seen[(name, bad_rank)] = (error, time.monotonic() - start)
-                dist.barrier()  # the ranks are still in step: the next collective pairs up
-        torch.save(seen, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+@gloo_rank
+def _bad_input_worker(rank, world_size, out_dir):
+    seen = {}
+    for name in sorted(SPARSIFIERS):
+        for bad_rank, how, _ in BAD_INPUTS:
+            sp = _sparsifier(name, 0.05)
+            sp.step(_grad(rank, 0), sizes=SIZES)
+            g = _grad(rank, 1)
+            sizes = SIZES
+            if rank == bad_rank and how == "longer":
+                g, sizes = torch.cat([g, g[:9]]), SIZES[:-1] + [SIZES[-1] + 9]
+            elif rank == bad_rank:
+                g = g.half()
+            start = time.monotonic()
+            try:
+                sp.step(g, sizes=sizes)
+                error = "no error"
+            except Exception as e:  # noqa: BLE001 -- the parent checks which
+                error = f"{type(e).__name__}: {e}"
+            seen[(name, bad_rank)] = (error, time.monotonic() - start)
+            dist.barrier()  # the ranks are still in step: the next collective pairs up
+    return seen
 
 
 @pytest.mark.slow
 def test_bad_input_after_the_first_step_stops_every_rank_at_once(tmp_path):
-    spawn(_bad_input_worker, 3, str(tmp_path), timeout=150)
-    for rank in range(3):
-        seen = torch.load(tmp_path / f"rank{rank}.pt")
+    # A hang would show as the group's 30 s timeout, well inside the spawn's.
+    for rank, seen in enumerate(run(_bad_input_worker, 3, tmp_path, timeout=150, group_timeout=30)):
         for name in sorted(SPARSIFIERS):
             for bad_rank, how, words in BAD_INPUTS:
                 error, seconds = seen[(name, bad_rank)]
@@ -177,44 +169,41 @@ def _adding_to(total: torch.Tensor):
     return hook
 
 
-def _unused_worker(rank, world_size, port, out):
-    init_gloo(rank, world_size, port)
-    try:
-        results = {}
-        for name in sorted(SPARSIFIERS):
-            model = _Branchy()
-            params = list(model.parameters())
-            raw = [torch.zeros_like(p) for p in params]  # this rank's own gradients, summed over iterations
-            for p, acc in zip(params, raw):
-                p.register_hook(_adding_to(acc))
-            net = DDP(model, find_unused_parameters=True)
-            extra = {"threshold": 0.02} if name == "threshold" else {}  # low enough to send part of the rare branch
-            state = DeftState(sparsifier=name, density=0.2, warmup_steps=1, **extra)
-            order = {}
+@gloo_rank
+def _unused_worker(rank, world_size, out_dir):
+    results = {}
+    for name in sorted(SPARSIFIERS):
+        model = _Branchy()
+        params = list(model.parameters())
+        raw = [torch.zeros_like(p) for p in params]  # this rank's own gradients, summed over iterations
+        for p, acc in zip(params, raw):
+            p.register_hook(_adding_to(acc))
+        net = DDP(model, find_unused_parameters=True)
+        extra = {"threshold": 0.02} if name == "threshold" else {}  # low enough to send part of the rare branch
+        state = DeftState(sparsifier=name, density=0.2, warmup_steps=1, **extra)
+        order = {}
 
-            def hook(state, bucket, order=order):
-                order[bucket.index()] = [next(i for i, q in enumerate(params) if q is p) for p in bucket.parameters()]
-                return deft_hook(state, bucket)
+        def hook(state, bucket, order=order):
+            order[bucket.index()] = [next(i for i, q in enumerate(params) if q is p) for p in bucket.parameters()]
+            return deft_hook(state, bucket)
 
-            net.register_comm_hook(state, hook)
-            applied = [torch.zeros_like(p) for p in params]  # what DDP left in p.grad, summed
-            gen = torch.Generator().manual_seed(rank)
-            for t in range(STEPS):
-                model.zero_grad(set_to_none=True)
-                x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
-                F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
-                for p, acc in zip(params, applied):
-                    if p.grad is not None:
-                        acc.add_(p.grad)
-            residual = [torch.zeros_like(p) for p in params]
-            for index, sp in state.sparsifiers.items():
-                if sp.residual is not None:
-                    for i, r in zip(order[index], sp.residual.split([params[i].numel() for i in order[index]])):
-                        residual[i] += r.view_as(params[i])
-            results[name] = {"raw": raw, "applied": applied, "residual": residual}
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        net.register_comm_hook(state, hook)
+        applied = [torch.zeros_like(p) for p in params]  # what DDP left in p.grad, summed
+        gen = torch.Generator().manual_seed(rank)
+        for t in range(STEPS):
+            model.zero_grad(set_to_none=True)
+            x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+            F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
+            for p, acc in zip(params, applied):
+                if p.grad is not None:
+                    acc.add_(p.grad)
+        residual = [torch.zeros_like(p) for p in params]
+        for index, sp in state.sparsifiers.items():
+            if sp.residual is not None:
+                for i, r in zip(order[index], sp.residual.split([params[i].numel() for i in order[index]])):
+                    residual[i] += r.view_as(params[i])
+        results[name] = {"raw": raw, "applied": applied, "residual": residual}
+    return results
 
 
 @pytest.mark.slow
@@ -222,8 +211,7 @@ def test_ddp_unused_parameters_lose_no_residual(tmp_path):
     """Summed over iterations and ranks: every rank's gradient == n x what DDP applied + the residuals
     left (the applied gradient is the mean over ranks, so n copies of it account for the sent mass)."""
     n = 2
-    spawn(_unused_worker, n, str(tmp_path), timeout=180)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(n)]
+    ranks = run(_unused_worker, n, tmp_path, timeout=180)
     for name in sorted(SPARSIFIERS):
         lost = 0.0
         for i in range(len(ranks[0][name]["raw"])):
