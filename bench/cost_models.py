@@ -6,8 +6,8 @@ For each n, on a real accumulated gradient of the model (fragments, local k and 
 as ``deft_kernels.planning`` makes them for that n), the selectable fragments are packed into n bins
 by LPT (``planning.pack_bins``) under each cost model:
 
-- ``size_log_k``: the spec's ``size * log2(k)`` (the planner's default);
-- ``size``: the fragment size alone;
+- ``size_log_k``: the paper's ``size * log2(k)``;
+- ``size``: the fragment size alone (the planner's default, ``planning.DEFAULT_COST_MODEL``);
 - ``measured``: the kernel time of each fragment alone (``ops.segmented_topk`` over that one fragment
   with its k, median of ``--repeats``), profiled on a *different* worker's gradient with the same k,
   as a planner would use a profile from an earlier step;

@@ -17,3 +17,11 @@ def seed(request):
     torch.manual_seed(value)
     print(f"seed={value} (replay with DEFT_TEST_SEED={value})")
     return value
+
+
+@pytest.fixture(params=["cpu", "triton", "cuda"])
+def backend(request):
+    """The backend an op test runs on (see tests/op_cases.py); skipped where it is unavailable."""
+    from op_cases import make_backend
+
+    return make_backend(request.param)

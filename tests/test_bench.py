@@ -81,7 +81,7 @@ def test_deft_sent_density_is_its_planned_total(cli_run):
         assert r["density"] == r["sent"] / doc["config"]["numel"]
         assert r["imbalance_model"] is not None
         assert doc["summary"]["by_workers"][str(r["workers"])]["sent_equals_planned"]
-        assert r["planned"] == r["budget"]  # the spec's local k hands out exactly k = int(d * N)
+        assert r["planned"] == r["budget"]  # local k hands out exactly k here (docs/algorithm.md)
     assert doc["summary"]["density_exact"] and doc["summary"]["density_is_requested"]
 
 

@@ -1,4 +1,7 @@
-"""Host-side planning against hand-worked cases and the spec's rules (DEFT_SPEC.md steps 2-6)."""
+"""Host-side planning against hand-worked cases and the rules of docs/algorithm.md (steps 2-6)."""
+
+import math
+from itertools import accumulate
 
 import pytest
 import torch
@@ -55,6 +58,83 @@ def test_local_k_sums_to_the_budget_when_the_clamps_allow(seed):
     norms = torch.rand(50, generator=gen) + 0.1
     k = planning.local_k(norms, sizes, 2000)
     assert int(k.sum()) == 2000 and bool((k >= 1).all()) and bool((k <= sizes).all())
+
+
+def test_local_k_tops_up_what_the_floors_leave():
+    # Rounding: f0 int(27 * 16/22) = 19, f1 int(8 * 5/6) = 6, f2 int(2 * 1/1) rounds to 1 (the running
+    # norm is a hair above 1/7); the unassigned 1 goes to f0, the first in visiting order with room.
+    assert planning.local_k(torch.tensor([16.0, 5.0, 1.0], dtype=torch.float64) / 7, torch.tensor([100] * 3),
+                            27).tolist() == [20, 6, 1]
+    # Clamps: f0, f1 are whole at 1; f2 has norm 0 (share 0, floor 1); the 2 left go to f2.
+    assert planning.local_k(torch.tensor([10.0, 10.0, 0.0]), torch.tensor([1, 1, 100]), 5).tolist() == [1, 1, 3]
+    # The whole vector with zero-norm fragments: every fragment is whole (d = 1 sends everything).
+    assert planning.local_k(torch.tensor([3.0, 0.0, 4.0, 0.0]), torch.tensor([10, 10, 10, 0]), 30).tolist() == [
+        10, 10, 10, 0]
+
+
+def test_local_k_never_shares_out_more_than_is_left():
+    # The running norm sum 1e20 + 21000 rounds to 1e20 + 16384: f2's ratio 7000 / 2384 is above 1.
+    # Uncapped it would take int(9 * 7000 / 2384) = 26 of the 9 left; capped it takes 9.
+    norms = torch.tensor([7000.0, 7000.0, 7000.0, 1e20], dtype=torch.float64)
+    assert planning.local_k(norms, torch.tensor([100, 100, 100, 1]), 60).tolist() == [25, 25, 9, 1]
+
+
+def test_local_k_floor_past_the_budget_is_the_only_excess():
+    # k = 3 over 10 equal norms: three fragments use it up, the seven after get their floor of 1.
+    assert planning.local_k(torch.ones(10), torch.full((10,), 5), 3).tolist() == [1] * 10
+
+
+def _check_sent_count_bound(norms: torch.Tensor, sizes: torch.Tensor, budget: int, k: torch.Tensor) -> None:
+    """The bound of docs/algorithm.md ("How many DEFT sends"), from the output alone."""
+    norm, size, kk = norms.double().tolist(), sizes.tolist(), k.tolist()
+    finite = [math.isfinite(v) for v in norm]
+    whole = sum(s for s, ok in zip(size, finite) if not ok)
+    total, numel = sum(kk), sum(size)
+    assert all(0 <= kk[f] <= size[f] for f in range(len(size)))
+    assert all(kk[f] == size[f] for f in range(len(size)) if not finite[f])  # non-finite: sent whole
+    assert all(kk[f] >= 1 for f in range(len(size)) if size[f] > 0)  # the floor
+    order = sorted((f for f in range(len(norm)) if finite[f]), key=lambda f: (-norm[f], f))
+    if whole > budget:  # the non-finite fragments took it all: every other fragment gets its floor
+        assert all(kk[f] == min(1, size[f]) for f in order)
+        return
+    if budget >= numel:
+        assert kk == size  # the whole vector: every fragment whole
+    if total <= min(budget, numel):
+        assert total == min(budget, numel)  # the top-up hands out all of it
+        return
+    # Excess: some prefix of the visiting order used the budget up exactly, and each non-empty
+    # fragment after it has its floor of 1, one element each, the whole excess.
+    prefix = list(accumulate((kk[f] for f in order), initial=whole))
+    assert budget in prefix, "no prefix of the visiting order uses the budget up exactly"
+    after = [f for f in order[prefix.index(budget):] if size[f] > 0]
+    assert all(kk[f] == 1 for f in after) and total - budget == len(after)
+    if budget > whole:  # the first fragment visited takes a share of a non-zero budget
+        assert len(after) <= sum(1 for f in order if size[f] > 0) - 1
+
+
+@pytest.mark.parametrize("case", ["random", "tiny", "huge", "ties", "non_finite", "zeros", "fp32"])
+def test_local_k_sent_count_bound_on_random_layouts(seed, case):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        norms, sizes, budget = _random_plan_inputs(gen, case)
+        _check_sent_count_bound(norms, sizes, budget, planning.local_k(norms, sizes, budget))
+        total = int(sizes.sum())  # d = 1, zero norms included: everything
+        _check_sent_count_bound(norms, sizes, total, planning.local_k(norms, sizes, total))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_deft_at_density_one_sends_everything_with_zero_norm_fragments(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [3000, 10, 500, 2, 8000, 40, 7]
+    acc = torch.randn(sum(sizes), generator=gen)
+    acc[3000:3010] = 0  # a zero-norm fragment
+    acc[-7:] = 0
+    d = DEFT(1.0)
+    offsets = d.fragment_offsets(sizes, n)
+    norms = torch.stack([acc[lo:hi].norm() for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    plan = d.plan(acc, norms, offsets, n, 0)
+    assert torch.equal(plan.k, plan.sizes) and plan.sent_count == sum(sizes)
+    assert torch.equal(d.always_sent(plan, acc.device), torch.arange(sum(sizes)))
 
 
 def test_lpt_hand_worked():

@@ -1,5 +1,5 @@
-// The leader's share of a DEFT step (DEFT_SPEC.md steps 4 and 5) on plain arrays: local k by norm
-// and LPT bin packing. deft_kernels.planning calls these; deft_kernels.reference holds the same
+// The leader's share of a DEFT step (docs/algorithm.md, steps 4 and 5) on plain arrays: local k by
+// norm and LPT bin packing. deft_kernels.planning calls these; deft_kernels.reference holds the same
 // rules in plain Python, and tests/test_planning.py checks that both give identical results.
 // They sit on the critical path of every step (the other workers wait for the plan), and the
 // Python versions cost about 1 ms for a few hundred fragments with cold caches; these cost
@@ -45,16 +45,23 @@ std::vector<int64_t> local_k(const double* norms, const int64_t* sizes, int64_t 
   int64_t remaining_k = std::max<int64_t>(0, k_total - whole);
   for (int64_t f : order) {
     int64_t share = 0;
-    if (remaining_norm > 0) {
+    if (remaining_k > 0 && remaining_norm > 0) {
       const double q = static_cast<double>(remaining_k) * norm[f] / remaining_norm;
-      // Python's int() truncates toward zero; anything at or past 2^62 is above every size anyway.
-      share = q >= 4.6e18 ? INT64_MAX : (q <= -4.6e18 ? INT64_MIN : static_cast<int64_t>(q));
+      // Capped at remaining_k: equal in exact arithmetic (norm <= remaining_norm), but the running
+      // norm sum is rounded, and the cap keeps the sent-count bound of docs/algorithm.md exact.
+      // Python's int() truncates, as the cast does below 2^63; from there on q exceeds remaining_k.
+      share = q < 0x1p63 ? std::min(remaining_k, static_cast<int64_t>(q)) : remaining_k;
     }
-    int64_t k_f = share > sizes[f] ? sizes[f] : std::max<int64_t>(1, share);
-    k_f = std::min(k_f, sizes[f]);  // an empty fragment gets nothing
-    k[f] = k_f;
-    remaining_k -= k_f;
+    k[f] = std::min(sizes[f], std::max<int64_t>(1, share));  // an empty fragment gets nothing
+    remaining_k -= k[f];
     remaining_norm -= norm[f];
+  }
+  // Top-up: what the floors left unassigned goes, in the same order, to the fragments with room,
+  // so the plan hands out at least min(k_total, N) (all of it at d = 1, zero norms or not).
+  for (auto it = order.begin(); remaining_k > 0 && it != order.end(); ++it) {
+    const int64_t add = std::min(remaining_k, sizes[*it] - k[*it]);
+    k[*it] += add;
+    remaining_k -= add;
   }
   return k;
 }

@@ -8,7 +8,8 @@
 
 namespace deft_kernels::cpu {
 
-// Per-fragment k sharing k_total by norm (spec step 4; NaN/inf norm: the fragment is sent whole).
+// Per-fragment k sharing k_total by norm, then the top-up of what the floors left (docs/algorithm.md,
+// step 4; NaN/inf norm: the fragment is sent whole).
 std::vector<int64_t> local_k(const double* norms, const int64_t* sizes, int64_t num_frags, int64_t k_total);
 
 // LPT: candidates by descending cost (ties: lower id) into the lightest of world_size bins (ties:

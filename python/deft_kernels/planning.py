@@ -1,13 +1,15 @@
 """Host-side planning of a DEFT step: pure functions of sizes and norms, no communication.
 
-The terms of ``DEFT_SPEC.md``:
+The terms, defined step by step in ``docs/algorithm.md``:
 
+- **budget**: ``k = int(d * N)`` elements per step, at least 1 for a non-empty vector
+  (:func:`budget`; every sparsifier's ``Sparsifier.budget``).
 - **fragments** (step 2): parameters in order; a tensor with more than ``N / n`` elements is cut
   into ``n`` contiguous fragments whose sizes differ by at most one, a smaller tensor is one
   fragment. Fixed at the first step.
-- **local k by norm** (step 4): the budget ``k = int(d * N)`` shared out in proportion to fragment
-  norms, visiting fragments by descending norm (equal norms: lower fragment id first), each share
-  clamped to ``[1, size_f]``.
+- **local k by norm** (step 4): the budget shared out in proportion to fragment norms, visiting
+  fragments by descending norm (equal norms: lower fragment id first), each share clamped to
+  ``[1, size_f]``; what the floors leave unassigned is topped up in the same order.
 - **common part** (step 5): fragments with ``k_f == size_f``, sent whole by everyone, no selection.
 - **bins** (step 5): the other fragments with ``k_f > 0``, packed greedily into ``n`` bins by a
   cost model, largest cost first (ties: lower fragment id), each into the lightest bin (ties: the
@@ -21,6 +23,7 @@ Everything here runs on CPU tensors and Python numbers; plans are small (one ent
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,11 +31,24 @@ import torch
 
 from . import _C
 
-__all__ = ["offsets_of", "fragment_sizes", "fragment_offsets", "partition_offsets", "local_k", "COST_MODELS", "DEFAULT_COST_MODEL",
-           "cost_size_log_k", "cost_size",
+__all__ = ["budget", "offsets_of", "fragment_sizes", "fragment_offsets", "partition_offsets", "local_k",
+           "COST_MODELS", "DEFAULT_COST_MODEL", "cost_size_log_k", "cost_size",
            "pack_bins", "common_fragments", "bin_of", "imbalance", "DeftPlan", "make_plan"]
 
 CostModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def budget(density: float, numel: int) -> int:
+    """The number of elements a step sends in total: ``int(density * numel)``, but at least 1 when
+    ``numel > 0`` (0 for an empty vector). Without the floor a small vector (a small DDP bucket, a
+    tiny model at a low density) would send nothing, step after step, while its residual grows
+    without bound; raising instead would make small buckets unusable (docs/algorithm.md, "The
+    budget")."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    return max(1, int(density * numel)) if numel else 0
 
 
 def offsets_of(sizes) -> list[int]:
@@ -60,7 +76,7 @@ def _check_world_size(n) -> int:
 
 
 def fragment_sizes(sizes: Sequence[int], world_size: int) -> list[int]:
-    """Fragment sizes for ``world_size`` workers (spec step 2), in parameter order."""
+    """Fragment sizes for ``world_size`` workers (step 2), in parameter order."""
     sizes = _check_sizes(sizes)
     n = _check_world_size(world_size)
     total = sum(sizes)
@@ -94,13 +110,19 @@ def partition_offsets(numel: int, world_size: int) -> torch.Tensor:
 
 
 def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:
-    """Per-fragment k (int64, CPU) sharing ``k_total`` by norm, exactly as the spec's step 4.
+    """Per-fragment k (int64, CPU) sharing ``k_total`` by norm (docs/algorithm.md, step 4).
 
-    ``norms`` (float) and ``sizes`` (int) have one entry per fragment. NaN policy (the ops' policy
-    carried to the plan): a fragment whose norm is NaN or inf is sent whole (``k_f = size_f``), so
-    the non-finite values reach the averaged gradient where the user's check sees them; the rest of
-    the budget is shared among the finite fragments as usual. Raising instead would stop only the
-    leader and leave the other workers waiting in the broadcast.
+    ``norms`` (float) and ``sizes`` (int) have one entry per fragment. Fragments are visited by
+    descending norm (ties: lower id); each takes ``int(remaining_k * norm_f / remaining_norm)``
+    (at most ``remaining_k``), clamped to ``[1, size_f]``, then a second pass in the same order
+    hands what the floors left unassigned to the fragments with room. So ``sum(k)`` is
+    ``min(k_total, N)`` plus the fragments that got their floor of 1 after the budget ran out (the
+    bound is proved in docs/algorithm.md); at ``k_total = N`` every fragment is whole.
+
+    NaN policy (the ops' policy carried to the plan): a fragment whose norm is NaN or inf is sent
+    whole (``k_f = size_f``), so the non-finite values reach the averaged gradient where the user's
+    check sees them; the rest of the budget is shared among the finite fragments as usual. Raising
+    instead would stop only the leader and leave the other workers waiting in the broadcast.
 
     Runs in C++ (``_C.plan_local_k``: it is on every step's critical path);
     :func:`deft_kernels.reference.local_k` is the same rule in plain Python, and the tests check
@@ -126,7 +148,7 @@ def _check_sizes_and_k(sizes, k) -> None:
 
 
 def cost_size_log_k(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The spec's cost: ``size * log2(k)`` when ``k > 1``, else ``size`` (a top-k over the fragment)."""
+    """The paper's cost: ``size * log2(k)`` when ``k > 1``, else ``size`` (a top-k over the fragment)."""
     _check_sizes_and_k(sizes, k)
     s, kk = sizes.double(), k.double()
     return torch.where(kk > 1, s * torch.log2(kk.clamp(min=1)), s)
@@ -140,7 +162,7 @@ def cost_size(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 COST_MODELS: dict[str, CostModel] = {"size_log_k": cost_size_log_k, "size": cost_size}
 
-#: ``size``, not the spec's ``size * log2(k)``: measured with our radix-select kernel on ResNet-50
+#: ``size``, not the paper's ``size * log2(k)``: measured with our radix-select kernel on ResNet-50
 #: (bench/cost_models.py, bench/results/cost_models_resnet50_cpu.txt) the two balance the measured
 #: bin times alike up to n = 16, and at n = 32 ``size_log_k`` cannot balance even its own cost (a
 #: fragment with a large k outweighs a bin) and its slowest bin is 9% slower.
@@ -230,7 +252,7 @@ class DeftPlan:
 
 def make_plan(norms: torch.Tensor, sizes: torch.Tensor, k_total: int, world_size: int,
               cost_model: str | CostModel = DEFAULT_COST_MODEL) -> DeftPlan:
-    """Local k by norm, the common part and LPT bins (spec steps 4 and 5).
+    """Local k by norm, the common part and LPT bins (docs/algorithm.md, steps 4 and 5).
 
     With a named cost model the whole plan is made in one C++ call (``_C.plan_make``): it is on
     every step's critical path, where a few hundred fragments cost about 1 ms of Python and torch

@@ -77,14 +77,17 @@ def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# The leader's planning rules (DEFT_SPEC.md steps 4 and 5), which deft_kernels.planning runs in C++.
+# The leader's planning rules (docs/algorithm.md, steps 4 and 5), which deft_kernels.planning runs
+# in C++.
 
 
 def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Tensor:
     """Per-fragment k sharing ``k_total`` by norm (:func:`deft_kernels.planning.local_k`): fragments
-    by descending norm (ties: lower id) each take ``int(remaining_k * norm / remaining_norm)``,
-    clamped to ``[1, size]``; a NaN or inf norm sends its fragment whole. ``remaining_norm`` starts
-    as the sum of the finite norms in fragment order (float64, left to right)."""
+    by descending norm (ties: lower id) each take ``min(remaining_k, int(remaining_k * norm /
+    remaining_norm))``, clamped to ``[1, size]``; then a second pass in the same order gives what is
+    still unassigned to the fragments with room, each up to its size. A NaN or inf norm sends its
+    fragment whole. ``remaining_norm`` starts as the sum of the finite norms in fragment order
+    (float64, left to right)."""
     norm = [float(v) for v in norms.tolist()]
     size = [int(s) for s in sizes.tolist()]
     finite = [math.isfinite(v) for v in norm]
@@ -93,11 +96,20 @@ def local_k(norms: torch.Tensor, sizes: torch.Tensor, k_total: int) -> torch.Ten
     remaining_k, remaining_norm = max(0, k_total - sum(k)), 0.0
     for v in norm:
         remaining_norm += v
-    for f in sorted((f for f in range(len(norm)) if finite[f]), key=lambda f: (-norm[f], f)):
-        share = int(remaining_k * norm[f] / remaining_norm) if remaining_norm > 0 else 0
-        k[f] = min(size[f] if share > size[f] else max(1, share), size[f])
+    order = sorted((f for f in range(len(norm)) if finite[f]), key=lambda f: (-norm[f], f))
+    for f in order:
+        share = 0
+        if remaining_k > 0 and remaining_norm > 0:
+            share = min(remaining_k, int(remaining_k * norm[f] / remaining_norm))
+        k[f] = min(size[f], max(1, share))
         remaining_k -= k[f]
         remaining_norm -= norm[f]
+    for f in order:
+        if remaining_k <= 0:
+            break
+        add = min(remaining_k, size[f] - k[f])
+        k[f] += add
+        remaining_k -= add
     return torch.tensor(k, dtype=torch.int64)
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import ops
+from .. import ops, planning
 from ..planning import offsets_of
 
 if TYPE_CHECKING:
@@ -121,8 +121,9 @@ class Sparsifier:
         return self.header_at != "with_values"
 
     def budget(self, numel: int) -> int:
-        """k = int(d * N), the number of elements the step should send in total."""
-        return int(self.density * numel)
+        """k, the number of elements the step should send in total: ``int(d * N)``, at least 1 for
+        a non-empty vector (:func:`deft_kernels.planning.budget`)."""
+        return planning.budget(self.density, numel)
 
     def start(self, layout: Layout) -> None:
         """First step, once the workers agreed on it: fix the layout, cut the fragments and make the
@@ -134,7 +135,7 @@ class Sparsifier:
 
     def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
         """int64 host offsets (length F + 1) of the fragments over the flat vector of tensors of the
-        given sizes: one fragment per tensor (DEFT overrides this with the spec's fragments)."""
+        given sizes: one fragment per tensor (DEFT overrides this with its fragments, docs/algorithm.md)."""
         return torch.tensor(offsets_of(sizes), dtype=torch.int64)
 
     # ---- the plan and how it travels --------------------------------------------------------------

@@ -10,14 +10,14 @@ from .base import Sparsifier
 
 
 class DEFT(Sparsifier):
-    """DEFT as docs/algorithm.md describes it.
+    """DEFT as ``docs/algorithm.md`` defines it.
 
     The leader (``step % n``) computes the local k of every fragment from its own norms, the common
     part and the LPT bins (:func:`deft_kernels.planning.make_plan`) and broadcasts them; every worker
     then selects, with the leader's k, in bin ``(step + rank) % n`` only, and everyone sends the
     common part whole. The bins are disjoint, so the global index set has no duplicates and its size
-    is exactly ``sum(k)``, whatever ``n`` is. (The spec lets a worker use its own k; using the leader's
-    keeps the sent count exact and every worker's view of the plan identical.)
+    is exactly ``sum(k)``, whatever ``n`` is. (The paper has each worker use its own k; using the
+    leader's keeps the sent count exact and every worker's view of the plan identical.)
 
     The header travels before the plan (``header_at = "before_plan"``): the leader reads it with its
     norms, the others with the plan, so a step reads device data on the host once per rank; every

@@ -21,7 +21,10 @@ The exact rule implemented here:
   200 on Laplace gradients, against 160..270 at 0.5). The global set is the same on every worker,
   so the thresholds stay in agreement without extra communication.
 
-At ``d = 1`` the threshold is 0 and every non-zero element is sent.
+The target ``k`` is :meth:`~deft_kernels.sparsifiers.base.Sparsifier.budget` (at least 1). At
+``d = 1`` every worker proposes its whole partition, zeros included, so everything is sent, as
+Dense sends it (a threshold of 0 would leave out the zeros of the partition's owner, whose
+index other workers may need).
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ class MiCRO(Sparsifier):
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         bounds = planning.partition_offsets(acc.numel(), world_size)
         p = planning.bin_of(rank, step, world_size)
-        return indices_at_least(acc, float(plan[p]), int(bounds[p]), int(bounds[p + 1]))
+        lo, hi = int(bounds[p]), int(bounds[p + 1])
+        if self.budget(acc.numel()) >= acc.numel():  # d = 1: the whole partition, zeros included
+            return torch.arange(lo, hi, dtype=torch.int64, device=acc.device)
+        return indices_at_least(acc, float(plan[p]), lo, hi)
 
     def observe(self, plan, sent, numel, world_size) -> None:
         bounds = planning.partition_offsets(numel, world_size)

@@ -21,11 +21,13 @@ the target ratio ``d`` split into ``M`` stages of ratio ``r = d ** (1 / M)`` eac
    (Pickands-Balkema-de Haan), which is why later stages switch to it. A stage with fewer than two
    exceedances, or with all exceedances equal, ends the fit early.
 
-About ``d * N`` elements then pass ``|a| >= eta`` on each worker. ``stages=None`` picks the fewest
-stages whose ratio is at least 0.1 (``d = 1%`` gives two stages of 10%), so no single fit has to
-reach far into its tail. The paper also adapts the stage count online from the achieved ratio; this
-implementation keeps it fixed. Selection is local (no plan); the union across workers grows with
-``n`` like Top-k's.
+About ``d * N`` elements then pass ``|a| >= eta`` on each worker; where ``d * N < 1`` the target
+is the budget's floor of one element (``d`` is replaced by ``K / N``, :meth:`Sparsifier.budget`).
+At ``d = 1`` every element is proposed, zeros included, as Dense sends them. ``stages=None``
+picks the fewest stages whose ratio is at least 0.1 (``d = 1%`` gives two stages of 10%), so no
+single fit has to reach far into its tail. The paper also adapts the stage count online from the
+achieved ratio; this implementation keeps it fixed. Selection is local (no plan); the union across
+workers grows with ``n`` like Top-k's.
 """
 
 from __future__ import annotations
@@ -62,20 +64,25 @@ class SIDCo(Sparsifier):
         self.stages = stages
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
+        if self.budget(acc.numel()) >= acc.numel():  # d = 1: everything, zeros included, as Dense
+            return torch.arange(acc.numel(), dtype=torch.int64, device=acc.device)
         return indices_at_least(acc, self.estimate_threshold(acc))
 
     def estimate_threshold(self, values: torch.Tensor) -> float:
-        """The threshold ``eta`` such that about ``density * len(values)`` of ``|values|`` reach it
-        (``inf`` when every finite value is zero)."""
+        """The threshold ``eta`` such that about ``density * len(values)`` of ``|values|`` reach it,
+        and at least one (the budget's floor, :meth:`budget`), ``inf`` when every finite value is
+        zero."""
         if not isinstance(values, torch.Tensor) or not values.is_floating_point():
             raise TypeError("values must be a float tensor")
         x = values.detach().abs().float().flatten()
         finite = torch.isfinite(x)
         if not to_host(finite.all())[0].item():
             x = x[finite]
-        if self.density >= 1.0:
+        numel = values.numel()
+        target = max(self.density, self.budget(numel) / numel) if numel else self.density
+        if target >= 1.0:
             return 0.0
-        ratio = self.density ** (1.0 / self.stages)
+        ratio = target ** (1.0 / self.stages)
         eta = _first_stage(x, ratio, self.first_stage)
         for _ in range(self.stages - 1):
             if not math.isfinite(eta):
