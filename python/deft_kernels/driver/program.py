@@ -310,58 +310,20 @@ def _dense(tensor, code, error, rank, n, laps, *, layout: Layout, header: bool, 
 
 def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Program:
     layout, offsets, kernels = sp.layout, sp.offsets, sp.kernels
-    numel, device = layout.numel, layout.device
-    step = sp.step_count
-    leader = step % n
-    spec = sp.plan_wire(numel, offsets, n)
+    device, step = layout.device, sp.step_count
     if not code:
         norms = kernels.accumulate_norms(grad, sp.residual, offsets)  # a = g + r, in place
     else:
         norms = torch.zeros(offsets.numel() - 1, dtype=torch.float32, device=device)
     acc = sp.residual
     accumulated = acc.clone() if keep else None
-    header, plan, counts = None, None, None
     laps.lap("other")
-
+    header, plan, counts = None, None, None
     if sp.header_at == "before_plan":
-        rows = yield AllGather(_header_row(code, 0, used, device))
-        laps.waited()
-        rows = torch.stack(rows)
-        if rank == leader:
-            norms_h, rows_h = to_host(norms, rows)  # the leader's one read
-            header = _Header.from_rows(rows_h)
-            if header.accepted:
-                norms_h = norms_h.masked_fill(_within(header.unused_ranges(layout), offsets), 0)
-                laps.lap("other")
-                plan = sp.plan(acc, norms_h, offsets, n, step)
-                laps.lap("plan")
-                wire = to_device(sp.encode_plan(plan), device)
-            else:
-                wire = torch.zeros(spec[0], dtype=spec[1], device=device)
-            laps.lap("other")
-            yield Broadcast(wire, leader)
-        else:
-            wire = yield Broadcast(torch.empty(spec[0], dtype=spec[1], device=device), leader)
-            rows_h, wire_h = to_host(rows, wire)  # a non-leader's one read
-            header = _Header.from_rows(rows_h)
-            if header.accepted:
-                plan = sp.decode_plan(wire_h, offsets, n)
-        laps.waited()
-        header.raise_rejected(code, error, step)
+        header, plan = yield from _header_then_plan(sp, acc, norms, code, error, rank, n, used, laps)
         counts = sp.proposal_counts(plan, n, step)
-    elif spec is not None:
-        if rank == leader and not code:
-            plan = sp.plan(acc, norms, offsets, n, step)
-            laps.lap("plan")
-            wire = to_device(sp.encode_plan(plan), device)
-            laps.lap("other")
-            yield Broadcast(wire, leader)
-        else:  # a leader that rejected its input sends zeros: the plan's shape is all that must agree
-            buffer = (torch.zeros if rank == leader else torch.empty)(spec[0], dtype=spec[1], device=device)
-            wire = yield Broadcast(buffer, leader)
-            # the selection reads the plan on the host; with the header in the values it stays put
-            plan = sp.decode_plan(to_host(wire)[0] if sp.header_at == "after_select" else wire, offsets, n)
-        laps.waited()
+    elif sp.plan_wire(layout.numel, offsets, n) is not None:
+        plan = yield from _plan(sp, acc, norms, code, rank, n, laps)
 
     laps.lap("other")
     if not code:
@@ -372,8 +334,7 @@ def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Pro
     if sp.header_at == "after_select":
         rows = yield AllGather(_header_row(code, selected.numel(), used, device))
         laps.waited()
-        (rows_h,) = to_host(torch.stack(rows))
-        header = _Header.from_rows(rows_h)
+        header = _Header.from_rows(to_host(torch.stack(rows))[0])
         header.raise_rejected(code, error, step)
         counts = header.counts
 
@@ -384,20 +345,11 @@ def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Pro
         laps.waited()
     else:
         sent = fixed if fixed is not None else torch.zeros(0, dtype=torch.int64, device=device)
-    m = sent.numel()
-    values = kernels.sparse_pack(acc, sent).float() if not code else torch.zeros(m, device=device)
+    values = kernels.sparse_pack(acc, sent).float() if not code else torch.zeros(sent.numel(), device=device)
     laps.lap("other")
     if sp.header_at == "with_values":
-        block = torch.zeros(n + len(layout.sizes), dtype=torch.float32, device=device)
-        block[rank] = code
-        block[n:] = to_device(used.to(torch.float32), device)
-        total = yield AllReduce(torch.cat([values, block]))
-        laps.waited()
-        (block,) = to_host(total[m:])
-        header = _Header.from_block(block, n)
-        header.raise_rejected(code, error, step)
-        total = total[:m]
-    elif m:
+        total, header = yield from _values_with_header(values, code, error, rank, n, used, step, laps)
+    elif sent.numel():
         total = yield AllReduce(values)
         laps.waited()
     else:
@@ -405,14 +357,83 @@ def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Pro
 
     kept = [(lo, hi, acc[lo:hi].clone()) for lo, hi in header.unused_ranges(layout)]
     out = kernels.sparse_unpack(sp.residual, sent, mean_of_sum(total, n, layout.dtype), 1.0)
-    for lo, hi, residual in kept:  # nobody used these tensors: their output would be discarded
+    for lo, hi, residual in kept:  # nobody used these tensors: DDP discards their output
         sp.residual[lo:hi] = residual
         out[lo:hi] = 0
-    sp.observe(plan, sent, numel, n)
+    sp.observe(plan, sent, layout.numel, n)
     sp.step_count += 1
     laps.lap("other")
     own = selected.numel() if sp.gathers_selection else 0
     times = laps.times
-    stats = StepStats(selected=selected.numel(), sent=m, numel=numel, bytes_sent=8 * own + 4 * m,
-                      t_select=times["plan"] + times["select"], t_comm=times["comm"], t_other=times["other"])
+    stats = StepStats(selected=selected.numel(), sent=sent.numel(), numel=layout.numel,
+                      bytes_sent=8 * own + 4 * sent.numel(), t_select=times["plan"] + times["select"],
+                      t_comm=times["comm"], t_other=times["other"])
     return StepResult(out, stats, plan, selected, sent, accumulated, dict(times))
+
+
+def _header_then_plan(sp, acc, norms, code, error, rank, n, used, laps) -> Program:
+    """The header all-gathered first; the leader reads it with its norms and plans (giving tensors no
+    rank used no budget), the others read it with the plan it broadcasts: one transfer each."""
+    layout, offsets, step = sp.layout, sp.offsets, sp.step_count
+    length, dtype = sp.plan_wire(layout.numel, offsets, n)
+    leader = step % n
+    rows = yield AllGather(_header_row(code, 0, used, layout.device))
+    laps.waited()
+    rows = torch.stack(rows)
+    plan = None
+    if rank == leader:
+        norms, rows = to_host(norms, rows)
+        header = _Header.from_rows(rows)
+        if header.accepted:
+            norms = norms.masked_fill(_within(header.unused_ranges(layout), offsets), 0)
+            laps.lap("other")
+            plan = sp.plan(acc, norms, offsets, n, step)
+            laps.lap("plan")
+            wire = to_device(sp.encode_plan(plan), layout.device)
+        else:  # somebody stops: only the plan's shape must agree
+            wire = torch.zeros(length, dtype=dtype, device=layout.device)
+        laps.lap("other")
+        yield Broadcast(wire, leader)
+    else:
+        wire = yield Broadcast(torch.empty(length, dtype=dtype, device=layout.device), leader)
+        rows, wire = to_host(rows, wire)
+        header = _Header.from_rows(rows)
+        if header.accepted:
+            plan = sp.decode_plan(wire, offsets, n)
+    laps.waited()
+    header.raise_rejected(code, error, step)
+    return header, plan
+
+
+def _plan(sp, acc, norms, code, rank, n, laps) -> Program:
+    """The leader plans alone and broadcasts; the header comes later. The selection reads the plan on
+    the host, except where the header rides in the values (the plan then stays on the device)."""
+    layout, offsets, step = sp.layout, sp.offsets, sp.step_count
+    length, dtype = sp.plan_wire(layout.numel, offsets, n)
+    leader = step % n
+    if rank == leader and not code:
+        plan = sp.plan(acc, norms, offsets, n, step)
+        laps.lap("plan")
+        wire = to_device(sp.encode_plan(plan), layout.device)
+        laps.lap("other")
+        yield Broadcast(wire, leader)
+    else:  # a leader that rejected its input sends zeros: only the plan's shape must agree
+        buffer = (torch.zeros if rank == leader else torch.empty)(length, dtype=dtype, device=layout.device)
+        wire = yield Broadcast(buffer, leader)
+        plan = sp.decode_plan(to_host(wire)[0] if sp.header_at == "after_select" else wire, offsets, n)
+    laps.waited()
+    return plan
+
+
+def _values_with_header(values, code, error, rank, n, used, step, laps) -> Program:
+    """The value all-reduce carrying the header as an fp32 block: each rank's code in its own slot,
+    then a flag per tensor (the sums: users per tensor)."""
+    block = torch.zeros(n + used.numel(), dtype=torch.float32, device=values.device)
+    block[rank] = code
+    block[n:] = to_device(used.to(torch.float32), values.device)
+    total = yield AllReduce(torch.cat([values, block]))
+    laps.waited()
+    m = values.numel()
+    header = _Header.from_block(to_host(total[m:])[0], n)
+    header.raise_rejected(code, error, step)
+    return total[:m], header
