@@ -10,6 +10,9 @@ times with ``triton.testing.do_bench`` (median, ms):
 - segmented_topk: the CUDA kernel (when the extension was built with CUDA), the Triton kernel, one
   torch.topk per fragment, one torch.topk over the whole vector (k = sum of the k_f);
 - accumulate_norms: the fused kernel vs ``residual.add_(grad)`` + ``torch._foreach_norm``;
+- threshold_select (one threshold for every fragment, keeping about d of the normal data; offsets
+  and thresholds on the CPU, the sync-free way) vs the elementwise passes + ``nonzero`` the
+  sparsifiers ran before;
 - sparse_pack vs ``index_select``; sparse_unpack vs ``zeros`` + ``index_put_`` + ``index_fill_``.
 
 It measures the card's copy bandwidth (a 1 GiB device-to-device copy, read + write bytes over time)
@@ -18,7 +21,8 @@ deft_kernels entry to the torch alternatives, and the targets below; then writes
 with the device name and torch/triton versions.
 
 Targets (H100): top-k >= 5x the per-fragment torch.topk loop and >= 2x one whole-vector torch.topk,
-and within 3x of one read of the input at the copy bandwidth; fused norm >= 80% of that bandwidth.
+and within 3x of one read of the input at the copy bandwidth; fused norm >= 80% of that bandwidth;
+threshold select (one read of the input, one write of the indices) >= 70% of it.
 
 STATUS: written on a machine without a GPU; the table and target logic is tested on made-up timings
 (tests/test_bench_gpu.py), the script itself has not been run yet.
@@ -38,7 +42,10 @@ TARGETS = {
     "topk_vs_whole_vector": 2.0,   # speed-up over one torch.topk over the whole vector
     "topk_reads_of_input": 3.0,    # at most this many input reads' worth of time at copy bandwidth
     "norm_bandwidth_share": 0.8,   # fused norm's achieved bandwidth / copy bandwidth
+    "threshold_bandwidth_share": 0.7,  # threshold select's achieved bandwidth / copy bandwidth
 }
+# The ops held to a share of the copy bandwidth, and the name of that target.
+BANDWIDTH_TARGETS = {"accumulate_norms": "norm_bandwidth_share", "threshold_select": "threshold_bandwidth_share"}
 
 
 def achieved_gbps(nbytes: float, ms: float) -> float:
@@ -76,10 +83,10 @@ def check_targets(summary: list[dict], copy_gbps: float) -> list[dict]:
             reads = r["ms"] / one_read_ms
             checks.append({**key, "target": "topk_reads_of_input", "value": reads,
                            "goal": TARGETS["topk_reads_of_input"], "met": reads <= TARGETS["topk_reads_of_input"]})
-        if r["op"] == "accumulate_norms" and r["impl"].startswith("deft"):
-            checks.append({**key, "target": "norm_bandwidth_share", "value": r["bw_share"],
-                           "goal": TARGETS["norm_bandwidth_share"],
-                           "met": r["bw_share"] >= TARGETS["norm_bandwidth_share"]})
+        share_target = BANDWIDTH_TARGETS.get(r["op"])
+        if share_target and r["impl"].startswith("deft"):
+            checks.append({**key, "target": share_target, "value": r["bw_share"], "goal": TARGETS[share_target],
+                           "met": r["bw_share"] >= TARGETS[share_target]})
     return checks
 
 
@@ -110,7 +117,8 @@ def measure_copy_bandwidth(do_bench, nbytes: int = 1 << 30) -> float:
 
 
 def run_layout(layout_name: str, sizes: list[int], density: float, do_bench) -> list[dict]:
-    from common import accumulate_norms_torch, local_k, sparse_unpack_torch, topk_per_fragment, topk_whole
+    from common import (accumulate_norms_torch, indices_at_least_torch, local_k, normal_threshold,
+                        sparse_unpack_torch, topk_per_fragment, topk_whole)
     from deft_kernels import reference, triton_ops
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -139,6 +147,11 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench) -> 
     r1, r2 = x.clone(), x.clone()
     assert torch.equal(lib.sparse_unpack(r1, expected, packed, 0.5), reference.sparse_unpack(r2, expected, packed, 0.5))
     assert torch.equal(r1, r2), "sparse_unpack residual differs from the reference"
+    threshold = normal_threshold(density)
+    host_offsets, thresholds = offsets.cpu(), torch.full((len(sizes),), threshold)
+    selected = lib.threshold_select(x, host_offsets, thresholds, None, 0)
+    assert torch.equal(selected, reference.threshold_select(x, host_offsets, thresholds)), \
+        "threshold_select differs from the reference"
 
     item = x.element_size()
     rows = []
@@ -155,6 +168,10 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench) -> 
     add("accumulate_norms", "deft fused", lambda: lib.accumulate_norms(grad, residual, offsets), 3 * n * item)
     add("accumulate_norms", "torch add_ + _foreach_norm", lambda: accumulate_norms_torch(grad, residual, sizes),
         3 * n * item)
+    select_bytes = n * item + 8 * selected.numel()  # read the values, write the indices
+    add("threshold_select", "deft threshold_select", lambda: lib.threshold_select(x, host_offsets, thresholds, None, 0),
+        select_bytes)
+    add("threshold_select", "torch elementwise + nonzero", lambda: indices_at_least_torch(x, threshold), select_bytes)
     pack_bytes = total_k * (8 + 2 * item)  # read index and value, write value
     add("sparse_pack", "deft sparse_pack", lambda: lib.sparse_pack(x, expected), pack_bytes)
     add("sparse_pack", "torch.index_select", lambda: torch.index_select(x, 0, expected), pack_bytes)

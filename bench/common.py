@@ -2,13 +2,16 @@
 
 A ResNet-50 gradient (25,557,032 values in 161 fragments, one per parameter tensor) at density
 d = 1%. Local k rule: ``k_f = max(1, int(d * size_f))``, so no fragment gets 0 and the total is
-about d * N (255,513 for ResNet-50). The torch alternatives produce the same output as the op
-(one int64 vector of global indices, one dense tensor, ...), so their cost is comparable.
+about d * N (255,513 for ResNet-50). The threshold select uses one threshold for every fragment,
+the magnitude a standard normal exceeds with probability d (the residual is standard normal), so
+it also selects about d * N. The torch alternatives produce the same output as the op (one int64
+vector of global indices, one dense tensor, ...), so their cost is comparable.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 
@@ -27,6 +30,8 @@ class Problem:
     residual: torch.Tensor
     indices: torch.Tensor
     packed: torch.Tensor
+    threshold: float  # |x| >= threshold keeps about d of a standard normal
+    thresholds: torch.Tensor  # that threshold per fragment, float32 on the CPU (the sync-free way)
 
 
 def local_k(sizes: list[int], density: float) -> list[int]:
@@ -43,7 +48,14 @@ def resnet50_problem(device: str = "cpu", dtype: torch.dtype = torch.float32, de
     grad = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     residual = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     indices = ops.segmented_topk(residual, offsets, k)
-    return Problem(sizes, offsets, k, grad, residual, indices, residual[indices])
+    threshold = normal_threshold(density)
+    return Problem(sizes, offsets, k, grad, residual, indices, residual[indices], threshold,
+                   torch.full((len(sizes),), threshold, dtype=torch.float32))
+
+
+def normal_threshold(density: float) -> float:
+    """The magnitude a standard normal value exceeds with probability ``density``."""
+    return NormalDist().inv_cdf(1 - density / 2)
 
 
 def topk_per_fragment(x: torch.Tensor, sizes: list[int], k: list[int]) -> torch.Tensor:
@@ -70,3 +82,10 @@ def sparse_unpack_torch(residual: torch.Tensor, indices: torch.Tensor, values: t
     out = torch.zeros_like(residual).index_put_((indices,), values * scale)
     residual.index_fill_(0, indices, 0)
     return out
+
+
+def indices_at_least_torch(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The threshold selection the sparsifiers (hard threshold, SIDCo, MiCRO) ran before
+    ops.threshold_select: five elementwise passes and a nonzero."""
+    mag = x.abs()
+    return torch.nonzero(((mag >= threshold) & (mag > 0)) | torch.isnan(x)).flatten()

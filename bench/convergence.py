@@ -91,18 +91,47 @@ def train_one(name: str, rank: int, world_size: int, args, data) -> dict:
             "sparse_steps": stats["steps"], "steps": state.iter, "seconds": seconds}
 
 
-def worker(rank: int, world_size: int, port: int, args, names: list[str], out: str) -> None:
+def worker(rank: int, world_size: int, port: int, train, args, names: list[str], out: str) -> None:
+    """One rank: ``train(name, rank, world_size, args, data)`` for every name, in order."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     try:
         data = load_data(args.seed)
-        rows = [train_one(name, rank, world_size, args, data) for name in names]
+        rows = [train(name, rank, world_size, args, data) for name in names]
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_workers(train, world_size: int, timeout: float, args, names: list[str]) -> list[dict]:
+    """Run ``worker`` with ``train`` on ``world_size`` spawned processes and return rank 0's rows;
+    kill them all and exit after ``timeout`` seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rows.json")
+        ctx = mp.start_processes(worker, args=(world_size, port, train, args, names, out), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                sys.exit(f"workers still running after {timeout} s: killed")
+        return json.loads(Path(out).read_text())
+
+
+def write_results(text: str, command: str, args, rows: list[dict]) -> None:
+    """Print ``text`` and write it to ``args.out``.txt, the command, options and rows to .json."""
+    print(text, end="")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".txt").write_text(text)
+    Path(args.out + ".json").write_text(json.dumps({"command": command.strip(), "config": vars(args), "rows": rows},
+                                                   indent=2) + "\n")
 
 
 def table(rows: list[dict]) -> str:
@@ -137,31 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1 or args.batch % args.workers:
         p.error("--workers must be >= 1 and divide --batch")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "rows.json")
-        ctx = mp.start_processes(worker, args=(args.workers, port, args, names, out), nprocs=args.workers,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + args.timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for proc in ctx.processes:
-                    proc.kill()
-                sys.exit(f"workers still running after {args.timeout} s: killed")
-        rows = json.loads(Path(out).read_text())
-
+    rows = run_workers(train_one, args.workers, args.timeout, args, names)
     command = "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# {command.strip()}\n# digits, MLP 64-256-128-10 (50,826 params), {args.workers} gloo workers (CPU), "
               f"density {args.density}, {args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
               f"dense steps, HardThreshold lambda {args.threshold}, seed {args.seed}\n")
-    text = header + table(rows) + "\n"
-    print(text, end="")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".txt").write_text(text)
-    Path(args.out + ".json").write_text(json.dumps({"command": command.strip(), "config": vars(args), "rows": rows},
-                                                   indent=2) + "\n")
+    write_results(header + table(rows) + "\n", command, args, rows)
 
 
 if __name__ == "__main__":

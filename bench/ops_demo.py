@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common import (DENSITY, accumulate_norms_torch, resnet50_problem, sparse_unpack_torch, topk_per_fragment,
-                    topk_whole)
+from common import (DENSITY, accumulate_norms_torch, indices_at_least_torch, resnet50_problem, sparse_unpack_torch,
+                    topk_per_fragment, topk_whole)
 import deft_kernels
 from deft_kernels import _C, ops
 from deft_kernels.benchmarks.worker_count import cpu_model
@@ -58,6 +58,8 @@ def main() -> None:
     torch.testing.assert_close(ops.accumulate_norms(p.grad, r1, p.offsets),
                                accumulate_norms_torch(p.grad, r2, p.sizes), rtol=1e-4, atol=0)
     assert torch.equal(r1, r2), "accumulate_norms residual != torch.add"
+    assert torch.equal(ops.threshold_select(x, p.offsets, p.thresholds), indices_at_least_torch(x, p.threshold)), \
+        "threshold_select != the elementwise passes + nonzero"
     assert torch.equal(ops.sparse_pack(x, ours), x.index_select(0, ours)), "sparse_pack != index_select"
     r1, r2 = x.clone(), x.clone()
     assert torch.equal(ops.sparse_unpack(r1, ours, p.packed, 0.5), sparse_unpack_torch(r2, ours, p.packed, 0.5))
@@ -71,6 +73,10 @@ def main() -> None:
     r = x.clone()
     rows.append(("accumulate_norms", "deft_kernels", median_ms(lambda: ops.accumulate_norms(p.grad, r, p.offsets), n)))
     rows.append(("accumulate_norms", "add_ + _foreach_norm", median_ms(lambda: accumulate_norms_torch(p.grad, r, p.sizes), n)))
+    rows.append(("threshold_select", "deft_kernels",
+                 median_ms(lambda: ops.threshold_select(x, p.offsets, p.thresholds), n)))
+    rows.append(("threshold_select", "5 elementwise passes + nonzero",
+                 median_ms(lambda: indices_at_least_torch(x, p.threshold), n)))
     rows.append(("sparse_pack", "deft_kernels", median_ms(lambda: ops.sparse_pack(x, ours), n)))
     rows.append(("sparse_pack", "index_select", median_ms(lambda: x.index_select(0, ours), n)))
     rows.append(("sparse_unpack", "deft_kernels", median_ms(lambda: ops.sparse_unpack(r, ours, p.packed, 0.5), n)))

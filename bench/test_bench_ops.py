@@ -13,8 +13,8 @@ ratios to the fastest row. CUDA rows run when torch.cuda.is_available() and are 
 import pytest
 import torch
 
-from common import (accumulate_norms_torch, resnet50_problem, sparse_unpack_torch, topk_per_fragment,
-                    topk_whole)
+from common import (accumulate_norms_torch, indices_at_least_torch, resnet50_problem, sparse_unpack_torch,
+                    topk_per_fragment, topk_whole)
 from deft_kernels import ops
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -63,6 +63,16 @@ def test_accumulate_norms_deft(benchmark, problem):
 def test_accumulate_norms_torch_add_foreach_norm(benchmark, problem):
     p = problem
     run(benchmark, "accumulate_norms", accumulate_norms_torch, p.grad, p.residual.clone(), p.sizes)
+
+
+def test_threshold_select_deft(benchmark, problem):
+    p = problem
+    run(benchmark, "threshold_select", ops.threshold_select, p.residual, p.offsets.cpu(), p.thresholds)
+
+
+def test_threshold_select_torch_elementwise_nonzero(benchmark, problem):
+    p = problem
+    run(benchmark, "threshold_select", indices_at_least_torch, p.residual, p.threshold)
 
 
 def test_sparse_pack_deft(benchmark, problem):

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/planning.h"
+#include "metadata_checks.h"
 
 namespace deft_kernels {
 namespace {
@@ -27,14 +28,14 @@ void check_index_vector(const at::Tensor& t, const char* name) {
 
 void check_offsets(const at::Tensor& offsets, int64_t n) {
   check_index_vector(offsets, "offsets");
-  TORCH_CHECK(offsets.numel() >= 1, "offsets must have at least one element (F + 1 for F fragments)");
-  const int64_t* o = offsets.const_data_ptr<int64_t>();
-  const int64_t m = offsets.numel();
-  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
-  TORCH_CHECK(o[m - 1] == n, "offsets[-1] must equal the vector length ", n, ", got ", o[m - 1]);
-  for (int64_t i = 1; i < m; ++i)
-    TORCH_CHECK(o[i] >= o[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ", o[i],
-                " < offsets[", i - 1, "] = ", o[i - 1]);
+  check_offsets_data(offsets.const_data_ptr<int64_t>(), offsets.numel(), n);
+}
+
+// Optional ids (fragments, segments) of `count` things: each in [0, count).
+void check_ids(const c10::optional<at::Tensor>& ids, const char* name, const char* kind, int64_t count) {
+  if (!ids.has_value()) return;
+  check_index_vector(*ids, name);
+  check_ids_data(ids->const_data_ptr<int64_t>(), ids->numel(), name, kind, count);
 }
 
 void check_indices_in_range(const at::Tensor& indices, int64_t n) {
@@ -69,15 +70,25 @@ at::Tensor segmented_topk_cpu(const at::Tensor& values, const at::Tensor& offset
   for (int64_t f = 0; f < num_frags; ++f)
     TORCH_CHECK(kk[f] >= 0 && kk[f] <= o[f + 1] - o[f], "k[", f, "] = ", kk[f], " must lie in [0, ",
                 o[f + 1] - o[f], "] (the size of fragment ", f, ")");
-  if (fragments.has_value()) {
-    check_index_vector(*fragments, "fragments");
-    const int64_t* fr = fragments->const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < fragments->numel(); ++i)
-      TORCH_CHECK(fr[i] >= 0 && fr[i] < num_frags, "fragments[", i, "] = ", fr[i], " is not a fragment id in [0, ",
-                  num_frags, ")");
-  }
+  check_ids(fragments, "fragments", "fragment", num_frags);
   TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
   return cpu::segmented_topk(values, offsets, k, fragments, index_base);
+}
+
+at::Tensor threshold_select_cpu(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& thresholds,
+                                const c10::optional<at::Tensor>& segments, int64_t index_base) {
+  check_float_vector(values, "values");
+  check_offsets(offsets, values.numel());
+  const int64_t num_segs = offsets.numel() - 1;
+  TORCH_CHECK(thresholds.dim() == 1, "thresholds must be 1-D, got shape ", thresholds.sizes());
+  TORCH_CHECK(thresholds.scalar_type() == at::kFloat, "thresholds must be float32, got ", thresholds.scalar_type());
+  TORCH_CHECK(thresholds.is_contiguous() && thresholds.device().is_cpu(),
+              "thresholds must be a contiguous CPU tensor for the CPU kernel");
+  TORCH_CHECK(thresholds.numel() == num_segs, "thresholds must have one entry per segment (", num_segs, "), got ",
+              thresholds.numel());
+  check_ids(segments, "segments", "segment", num_segs);
+  TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
+  return cpu::threshold_select(values, offsets, thresholds, segments, index_base);
 }
 
 at::Tensor sparse_pack_cpu(const at::Tensor& values, const at::Tensor& indices) {
@@ -105,6 +116,8 @@ at::Tensor sparse_unpack_cpu(at::Tensor& residual, const at::Tensor& indices, co
 TORCH_LIBRARY(deft_kernels, m) {
   m.def("accumulate_norms(Tensor grad, Tensor(a!) residual, Tensor offsets) -> Tensor");
   m.def("segmented_topk(Tensor values, Tensor offsets, Tensor k, Tensor? fragments=None, int index_base=0) -> Tensor");
+  m.def("threshold_select(Tensor values, Tensor offsets, Tensor thresholds, Tensor? segments=None, "
+        "int index_base=0) -> Tensor");
   m.def("sparse_pack(Tensor values, Tensor indices) -> Tensor");
   m.def("sparse_unpack(Tensor(a!) residual, Tensor indices, Tensor values, float scale) -> Tensor");
 }
@@ -112,6 +125,7 @@ TORCH_LIBRARY(deft_kernels, m) {
 TORCH_LIBRARY_IMPL(deft_kernels, CPU, m) {
   m.impl("accumulate_norms", &accumulate_norms_cpu);
   m.impl("segmented_topk", &segmented_topk_cpu);
+  m.impl("threshold_select", &threshold_select_cpu);
   m.impl("sparse_pack", &sparse_pack_cpu);
   m.impl("sparse_unpack", &sparse_unpack_cpu);
 }

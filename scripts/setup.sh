@@ -15,7 +15,9 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 "$VPY" -c "import triton" 2>/dev/null || pip_install triton==3.9.0
-pip_install pybind11 scikit-build-core ninja numpy pytest pytest-benchmark matplotlib tqdm scikit-learn
+# The documented install (README, docs/building.md): build tools first, then the package built
+# against this environment's torch, with the test extra (the suite's and the benchmarks' packages).
+pip_install pybind11 scikit-build-core ninja
 rm -rf build
-pip_install --no-build-isolation .
+pip_install --no-build-isolation ".[test]"
 "$VPY" -c "import torch, deft_kernels; print('deft_kernels', deft_kernels.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"

@@ -36,8 +36,8 @@ import torch
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["cpu", "triton", "cuda"]
 
-# The Triton top-k's tile under the interpreter: small inputs still span many tiles.
-INTERPRETED_TOPK_BLOCK = 128
+# The Triton tile under the interpreter: small inputs still span many tiles.
+INTERPRETED_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,14 @@ def make_backend(name: str) -> Backend:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         interpreted = device.type == "cpu"
-        topk = functools.partial(tk.segmented_topk, block=INTERPRETED_TOPK_BLOCK) if interpreted else tk.segmented_topk
-        fn = types.SimpleNamespace(accumulate_norms=tk.accumulate_norms, segmented_topk=topk,
+        tiled = {"block": INTERPRETED_BLOCK} if interpreted else {}
+        fn = types.SimpleNamespace(accumulate_norms=tk.accumulate_norms,
+                                   segmented_topk=functools.partial(tk.segmented_topk, **tiled),
+                                   threshold_select=functools.partial(tk.threshold_select, **tiled),
                                    sparse_pack=tk.sparse_pack, sparse_unpack=tk.sparse_unpack)
         raw = types.SimpleNamespace(accumulate_norms=tk._accumulate_norms, segmented_topk=tk._segmented_topk,
-                                    sparse_pack=tk._sparse_pack, sparse_unpack=tk._sparse_unpack)
+                                    threshold_select=tk._threshold_select, sparse_pack=tk._sparse_pack,
+                                    sparse_unpack=tk._sparse_unpack)
         return Backend("triton", device, interpreted, fn, raw)
     raise ValueError(f"unknown backend {name!r}")
 
@@ -96,7 +99,7 @@ def make_backend(name: str) -> Backend:
 def _unvalidated_ops():
     from deft_kernels import ops
 
-    names = ("accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack")
+    names = ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack")
     return types.SimpleNamespace(**{n: functools.partial(getattr(ops, n), validate=False) for n in names})
 
 
@@ -136,6 +139,11 @@ def make_values(kind: str, n: int, dtype: torch.dtype, device="cpu") -> torch.Te
     else:
         raise ValueError(kind)
     return x.to(dtype).to(device)
+
+
+def large_values(kind: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A large fragment's values: magnitudes spread over decades ("randn") or few distinct ones ("ties")."""
+    return (torch.randn(n) * torch.rand(n)).to(dtype) if kind == "randn" else make_values("ties", n, dtype)
 
 
 def random_k(sizes, device="cpu") -> torch.Tensor:
@@ -183,3 +191,16 @@ def assert_rejected_leaves_residual(backend: Backend, call) -> None:
     with pytest.raises(ValueError):
         call(backend.fn, a, residual)
     assert torch.equal(residual, a.X)
+
+
+def assert_unvalidated_rejected(backend: Backend, call, cpp_match: str, triton_match: str) -> None:
+    """Past the ops layer's data checks (``validate=False``, a direct torch.ops call, the Triton
+    launcher) ``call(ops, BadInputs)`` still raises: a RuntimeError from the C++ kernels' checks
+    (CPU, CUDA; the CUDA op may also check in Python, a ValueError) matching ``cpp_match``, a
+    ValueError from the Triton launcher's matching ``triton_match``."""
+    if backend.name == "triton":
+        exc, match = ValueError, triton_match
+    else:
+        exc, match = (RuntimeError if backend.name == "cpu" else (RuntimeError, ValueError)), cpp_match
+    with pytest.raises(exc, match=match):
+        call(backend.unvalidated, BadInputs(backend))

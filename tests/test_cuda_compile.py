@@ -3,8 +3,8 @@ GPU (the CUDA kernels are only built into the extension with a CUDA torch).
 
 - every ``.cu`` file under ``csrc`` compiles with ``nvcc -std=c++20 -arch=sm_90 -c`` (skipped when
   nvcc is not on PATH);
-- ``csrc/cuda/ops_cuda.cpp`` (the torch glue) passes a syntax check against the installed torch's
-  headers plus the CUDA runtime headers. A CPU torch wheel ships c10/cuda headers but not the
+- every ``.cpp`` file under ``csrc/cuda`` (the torch glue) passes a syntax check against the
+  installed torch's headers plus the CUDA runtime headers. A CPU torch wheel ships c10/cuda headers but not the
   generated ``c10/cuda/impl/cuda_cmake_macros.h``, so a two-line stand-in is supplied; nothing is
   linked, so this catches compile errors only;
 - the host planning of the CUDA top-k (``csrc/cuda/topk_plan.h``) is built and run as a host unit
@@ -22,6 +22,7 @@ CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++") or shutil.which("c++")
 CU_FILES = sorted(CSRC.rglob("*.cu"))
+GLUE_FILES = sorted((CSRC / "cuda").glob("*.cpp"))
 
 
 def run(cmd, **kwargs):
@@ -50,14 +51,15 @@ def cuda_include_dir():
 
 
 @pytest.mark.skipif(CXX is None or cuda_include_dir() is None, reason="no host C++ compiler or no CUDA headers")
-def test_torch_glue_passes_syntax_check(tmp_path):
+@pytest.mark.parametrize("glue", GLUE_FILES, ids=[str(p.relative_to(ROOT)) for p in GLUE_FILES])
+def test_torch_glue_passes_syntax_check(glue, tmp_path):
     from torch.utils.cpp_extension import include_paths
 
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_MAIN_LIB\n")
     includes = [f"-I{p}" for p in [CSRC, tmp_path, *include_paths(), cuda_include_dir()]]
-    run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", *includes, str(CSRC / "cuda" / "ops_cuda.cpp")])
+    run([CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", *includes, str(glue)])
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from deft_kernels import reference
-from op_cases import (DTYPES, NORMS_LAYOUTS, BadInputs, assert_rejected, assert_rejected_leaves_residual, layout,
-                      make_values, table_ids)
+from op_cases import (DTYPES, NORMS_LAYOUTS, BadInputs, assert_rejected, assert_rejected_leaves_residual,
+                      layout, make_values, table_ids)
 
 
 def check_norms(backend, grad, residual, offsets):

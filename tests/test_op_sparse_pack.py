@@ -138,7 +138,8 @@ def test_opcheck(seed, backend, dtype):
     idx = torch.randperm(n)[:50].to(backend.device)
     lib = torch.ops.deft_kernels
     torch.library.opcheck(lib.sparse_pack.default, (x, idx))
-    torch.library.opcheck(lib.sparse_unpack.default, (x.clone(), idx, torch.randn(50).to(dtype).to(backend.device), 0.25))
+    values = torch.randn(50).to(dtype).to(backend.device)
+    torch.library.opcheck(lib.sparse_unpack.default, (x.clone(), idx, values, 0.25))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)

@@ -306,14 +306,7 @@ at::Tensor segmented_topk(const at::Tensor& values, const at::Tensor& offsets, c
                           const c10::optional<at::Tensor>& fragments, int64_t index_base) {
   const int64_t* off = offsets.const_data_ptr<int64_t>();
   const int64_t* kk = k.const_data_ptr<int64_t>();
-  std::vector<int64_t> frags;
-  if (fragments.has_value()) {
-    const int64_t* f = fragments->const_data_ptr<int64_t>();
-    frags.assign(f, f + fragments->numel());
-  } else {
-    frags.resize(offsets.numel() - 1);
-    std::iota(frags.begin(), frags.end(), int64_t{0});
-  }
+  const std::vector<int64_t> frags = listed_ids(fragments, offsets.numel() - 1);
   const int64_t m = static_cast<int64_t>(frags.size());
   std::vector<int64_t> out_start(m + 1, 0);
   for (int64_t i = 0; i < m; ++i) out_start[i + 1] = out_start[i] + kk[frags[i]];

@@ -19,9 +19,13 @@ Layers, data flowing one way (each module's docstring explains its terms):
 
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
-from . import ops, reference  # noqa: F401
-from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack  # noqa: F401
-from .hook import DeftState, deft_hook  # noqa: F401
-from .training import GradientSparsifier  # noqa: F401
+from . import driver, ops, reference, sparsifiers
+from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack
+from .hook import DeftState, deft_hook
+from .training import GradientSparsifier
 
 __version__ = "0.1.0"
+
+# The public names (help(deft_kernels) lists these; docs/api.md documents each).
+__all__ = ["DeftState", "deft_hook", "GradientSparsifier", "accumulate_norms", "segmented_topk", "sparse_pack",
+           "sparse_unpack", "ops", "reference", "sparsifiers", "driver"]

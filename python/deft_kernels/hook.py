@@ -298,15 +298,22 @@ class DeftState:
         self._used = set()
 
 
-def deft_hook(state: DeftState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def deft_hook(state: DeftState, bucket: dist.GradBucket,
+              *fsdp_grads: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: averaged dense all-reduce during the warm-up, then the state's
     sparsifier per bucket (see the module docstring). Register with
     ``model.register_comm_hook(state, deft_hook)``.
 
     Returns a future holding a tensor shaped like ``bucket.buffer()``: the mean over workers, dense in
     the warm-up, sparse after it. The future completes when the bucket's exchange has; the hook
-    itself waits only at the last bucket.
+    itself waits only at the last bucket. FSDP is not supported: its ``register_comm_hook`` calls hooks
+    with gradient tensors (``fsdp_grads``: the sharded output of a sharded strategy), which raises a
+    ``TypeError`` saying so.
     """
+    if fsdp_grads or isinstance(bucket, torch.Tensor):
+        raise TypeError("bucket must be a torch.distributed.GradBucket, got a tensor: FSDP's register_comm_hook passes "
+                        "gradient tensors, and deft_hook, a DDP communication hook, does not support FSDP; wrap the "
+                        "model in DistributedDataParallel")
     if not isinstance(state, DeftState):
         raise TypeError(f"state must be a DeftState, got {type(state).__name__}")
     if not isinstance(bucket, dist.GradBucket):

@@ -9,6 +9,9 @@ Fragments are described by ``offsets``: int64, length ``F + 1``, ``offsets[0] ==
 non-decreasing, ``offsets[-1] == N``; fragment ``f`` is ``[offsets[f], offsets[f+1])`` and may be
 empty. All index arithmetic is int64, so vectors past 2**31 elements are fine.
 
+``threshold_select`` cuts the vector the same way and calls the pieces segments: the whole vector
+for the hard threshold and SIDCo, one partition per worker for MiCRO.
+
 Checks that read tensor data (offsets increasing, k in range, indices in bounds) cost a pass over
 small tensors; on GPU they synchronize. Pass ``validate=False`` in hot loops whose inputs come from
 the planner, which builds them valid by construction.
@@ -20,7 +23,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.deft_kernels.*)
 
-__all__ = ["accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack", "SUPPORTED_DTYPES"]
+__all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -106,6 +109,35 @@ def _check_segmented_topk_args(values, offsets, k, fragments, index_base, valida
                                  f"got values in [{lo.item()}, {hi.item()}]")
 
 
+def _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate: bool) -> None:
+    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
+    # The small metadata may sit on the CPU next to values on a GPU: the kernels read it on the host,
+    # and checking it there never synchronises with the device.
+    for name, t in (("offsets", offsets), ("thresholds", thresholds), ("segments", segments)):
+        if isinstance(t, torch.Tensor) and t.device not in (values.device, torch.device("cpu")):
+            raise ValueError(f"{name} is on {t.device} but values is on {values.device}; it must be on the CPU "
+                             "or on the values' device")
+    _check_offsets(offsets, values.numel(), validate)
+    _check_tensor("thresholds", thresholds, dtypes=(torch.float32,))
+    num_segs = offsets.numel() - 1
+    if thresholds.numel() != num_segs:
+        raise ValueError(f"thresholds must have one entry per segment ({num_segs}), got {thresholds.numel()}")
+    if segments is not None:
+        _check_tensor("segments", segments, dtypes=(torch.int64,))
+    if not isinstance(index_base, int) or index_base < 0:
+        raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
+    if validate:
+        nan = torch.isnan(thresholds)
+        if bool(nan.any()):
+            raise ValueError(f"thresholds[{int(torch.nonzero(nan)[0])}] is NaN; a threshold must be a number "
+                             "(+inf selects only infinities and NaNs, 0 every non-zero element)")
+        if segments is not None and segments.numel() > 0:
+            lo, hi = torch.aminmax(segments)
+            if lo.item() < 0 or hi.item() >= num_segs:
+                raise ValueError(f"segments must hold segment ids in [0, {num_segs}), "
+                                 f"got values in [{lo.item()}, {hi.item()}]")
+
+
 def _check_sparse_pack_args(values, indices, validate: bool) -> None:
     _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
     _check_same_device("values", values, indices=indices)
@@ -159,6 +191,30 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
     return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
 
 
+def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: torch.Tensor,
+                     segments: torch.Tensor | None = None, *, index_base: int = 0,
+                     validate: bool = True) -> torch.Tensor:
+    """Indices of the elements whose magnitude reaches their segment's threshold, every segment in
+    one pass over the data with a compaction (the selection of the hard threshold, SIDCo and MiCRO).
+
+    ``offsets`` cuts ``values`` into segments like fragments; ``thresholds`` (float32, one per
+    segment) gives segment ``s`` its threshold ``t_s``. Returns int64 indices ``index_base + i`` of
+    every element ``i`` of each segment in ``segments`` (default: all, in order) with
+    ``|values[i]| >= t_s`` compared in fp32 and ``values[i] != 0``, and of every NaN; concatenated in
+    that order, ascending within a segment. Zeros are never selected (sending them changes nothing)
+    and NaNs always are (the package's NaN policy, as in :func:`segmented_topk`). Any threshold
+    but NaN is allowed: ``0`` or below selects every non-zero element, ``+inf`` the infinities and
+    NaNs; a NaN threshold is rejected (with ``validate=False`` it selects only the NaNs).
+
+    On CUDA values, ``offsets``, ``thresholds`` and ``segments`` may be CPU tensors (the way without
+    synchronisations: the launch plan is built from them on the host) or tensors on the values'
+    device (copied to the host first). The output size depends on the data, so the CUDA kernel
+    reads one count back from the device before it allocates the output.
+    """
+    _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate)
+    return torch.ops.deft_kernels.threshold_select(values.contiguous(), offsets, thresholds, segments, index_base)
+
+
 def sparse_pack(values: torch.Tensor, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Gather: ``values[indices]`` into a new contiguous buffer (the values to all-reduce)."""
     _check_sparse_pack_args(values, indices, validate)
@@ -184,6 +240,12 @@ def _(grad, residual, offsets):
 
 @torch.library.register_fake("deft_kernels::segmented_topk")
 def _(values, offsets, k, fragments=None, index_base=0):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return values.new_empty(n, dtype=torch.int64)
+
+
+@torch.library.register_fake("deft_kernels::threshold_select")
+def _(values, offsets, thresholds, segments=None, index_base=0):
     n = torch.library.get_ctx().new_dynamic_size()
     return values.new_empty(n, dtype=torch.int64)
 

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-__all__ = ["magnitude_key", "accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack", "local_k", "pack_bins"]
+__all__ = ["magnitude_key", "accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack",
+           "local_k", "pack_bins"]
 
 _INT_VIEW = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF),
              torch.float16: (torch.int16, 0x7FFF)}
@@ -59,6 +60,24 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
         out.append(torch.sort(pos[order[: ks[f]]]).values)
     if not out:
         return torch.zeros(0, dtype=torch.int64, device=values.device)
+    return torch.cat(out) + index_base
+
+
+def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: torch.Tensor,
+                     segments: torch.Tensor | None = None, index_base: int = 0) -> torch.Tensor:
+    """Indices (int64, ``index_base`` + position) of the elements of each segment ``s`` in
+    ``segments`` (default: all, in order) with ``|x| >= thresholds[s]`` in fp32 and ``x != 0``, and
+    of every NaN; concatenated in that order, ascending within a segment."""
+    mag = values.float().abs()  # exact for bf16 and fp16
+    bounds = offsets.tolist()
+    seg_ids = range(len(bounds) - 1) if segments is None else segments.tolist()
+    out = [torch.zeros(0, dtype=torch.int64, device=values.device)]
+    for s in seg_ids:
+        lo, hi = bounds[s], bounds[s + 1]
+        part = mag[lo:hi]
+        t = thresholds[s].to(device=values.device, dtype=torch.float32)
+        keep = ((part >= t) & (part != 0)) | torch.isnan(part)
+        out.append(torch.nonzero(keep).flatten() + lo)
     return torch.cat(out) + index_base
 
 

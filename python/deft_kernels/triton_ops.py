@@ -1,4 +1,4 @@
-"""Triton kernels of the three ops, the GPU implementation where the C++ extension has none.
+"""Triton kernels of the ops, the GPU implementation where the C++ extension has none.
 
 Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernels.reference`):
 
@@ -16,6 +16,10 @@ Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernel
   a last pass writes the indices in order with ``tl.cumsum``. Unlike the CUDA kernel it re-reads the
   listed fragments on every pass (no candidate buffer): it is the simple baseline the CUDA kernel is
   benchmarked against.
+- ``threshold_select``: the listed segments are cut into tiles; one pass counts each tile's
+  selected elements (``|x| >= t`` in fp32 and ``x != 0``, or NaN), a prefix sum over the tiles gives
+  each its output offset, and a second pass writes the indices in order with ``tl.cumsum``. The
+  output size is read back to the host between the two passes (the one synchronisation).
 - ``sparse_pack`` / ``sparse_unpack``: gather, and scatter into a zeroed output while zeroing the
   residual at the same indices, in one pass over the indices.
 
@@ -24,8 +28,8 @@ them on machines without a GPU). Status: tested in the interpreter only; not yet
 
 Index and offset arguments that the ops layer validates (``validate=True``) are not re-checked on
 the device here, since that needs a synchronisation: out-of-range indices are skipped (masked),
-never read or written; ``segmented_topk`` copies offsets and k to the host anyway (its output size
-depends on them) and checks them there.
+never read or written; ``segmented_topk`` and ``threshold_select`` copy their offsets, k, ids and
+thresholds to the host anyway (they plan the tiles there) and check them there.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import triton.language as tl
 
 from . import ops as _ops
 
-__all__ = ["accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack", "register_cuda_impls"]
+__all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack",
+           "register_cuda_impls"]
 
 # Bits of the magnitude key as a signed integer of the dtype's width, and the radix digits
 # (shift, width) from the top. The top digit is histogrammed over the most elements, so it is widest.
@@ -47,6 +52,7 @@ _KEY = {torch.float32: (torch.int32, 0x7FFFFFFF, ((20, 11), (10, 10), (0, 10))),
 NORM_BLOCK = 4096
 PACK_BLOCK = 1024
 TOPK_BLOCK = 4096
+SELECT_BLOCK = 4096
 
 
 def _check_block(block) -> None:
@@ -175,12 +181,20 @@ def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.T
 
 
 @triton.jit
-def _tile_keys(bits_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, KEY_MASK: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _tile_positions(tile_seg_ptr, tile_begin_ptr, seg_end_ptr, BLOCK: tl.constexpr):
+    """This program's tile: its id, its segment, the positions it covers and which of them are in
+    the segment (see _tiles)."""
     t = tl.program_id(0)
     seg = tl.load(tile_seg_ptr + t)
     pos = tl.load(tile_begin_ptr + t) + tl.arange(0, BLOCK)
     valid = pos < tl.load(seg_end_ptr + seg)
+    return t, seg, pos, valid
+
+
+@triton.jit
+def _tile_keys(bits_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, KEY_MASK: tl.constexpr,
+               BLOCK: tl.constexpr):
+    t, seg, pos, valid = _tile_positions(tile_seg_ptr, tile_begin_ptr, seg_end_ptr, BLOCK)
     key = tl.load(bits_ptr + pos * stride, mask=valid, other=0).to(tl.int32) & KEY_MASK
     return t, seg, pos, valid, key
 
@@ -235,29 +249,47 @@ def _topk_write_kernel(bits_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_p
     tl.store(out_ptr + dst, pos + index_base, mask=sel)
 
 
+def _tiles(seg_begin: torch.Tensor, seg_end: torch.Tensor, block: int):
+    """Cuts each segment [seg_begin[s], seg_end[s]) into tiles of ``block`` elements, one program
+    each. Returns the segment of every tile, the first tile of every segment and where each tile
+    begins."""
+    tiles_per_seg = (seg_end - seg_begin + block - 1) // block
+    tile_seg = torch.repeat_interleave(torch.arange(seg_begin.numel()), tiles_per_seg)
+    seg_first_tile = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
+    tile_begin = seg_begin[tile_seg] + (torch.arange(tile_seg.numel()) - seg_first_tile[tile_seg]) * block
+    return tile_seg, seg_first_tile, tile_begin
+
+
 def _exclusive_cumsum_within(x: torch.Tensor, tile_seg: torch.Tensor, seg_first_tile: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sum of per-tile ``x`` restarting at each segment's first tile."""
     excl = torch.cumsum(x, 0) - x
     return excl - excl[seg_first_tile][tile_seg]
 
 
-def _topk_plan(values, offsets, k, fragments):
-    """Host copies of the small arrays: checked, then turned into segments (listed fragments with
-    k > 0) and tiles. Returns None when nothing is selected."""
+def _host_layout(offsets, n: int, ids, ids_name: str):
+    """Host copies of ``offsets`` and of the listed ids (all when ``ids`` is None), checked as far as
+    memory safety needs: what an unvalidated call (``validate=False``, torch.ops) reaches."""
     off = offsets.cpu()
-    kk = k.cpu()
-    n = values.numel()
-    num_frags = off.numel() - 1
+    count = off.numel() - 1
     if int(off[0]) != 0 or int(off[-1]) != n:
         raise ValueError(f"offsets must start at 0 and end at the vector length {n}")
     sizes = off[1:] - off[:-1]
-    if num_frags and bool((sizes < 0).any()):
+    if count and bool((sizes < 0).any()):
         raise ValueError("offsets must be non-decreasing")
+    listed = torch.arange(count) if ids is None else ids.cpu()
+    if listed.numel() and (int(listed.min()) < 0 or int(listed.max()) >= count):
+        raise ValueError(f"{ids_name} must hold ids in [0, {count})")
+    return off, sizes, listed
+
+
+def _topk_plan(values, offsets, k, fragments):
+    """Host copies of the small arrays: checked, then turned into segments (listed fragments with
+    k > 0) and tiles. Returns None when nothing is selected."""
+    off, sizes, frag = _host_layout(offsets, values.numel(), fragments, "fragments")
+    kk = k.cpu()
+    num_frags = off.numel() - 1
     if kk.numel() != num_frags or (num_frags and bool(((kk < 0) | (kk > sizes)).any())):
         raise ValueError("k must have one entry per fragment, each in [0, fragment size]")
-    frag = torch.arange(num_frags) if fragments is None else fragments.cpu()
-    if frag.numel() and (int(frag.min()) < 0 or int(frag.max()) >= num_frags):
-        raise ValueError(f"fragments must hold fragment ids in [0, {num_frags})")
     seg_k = kk[frag]
     seg_out = torch.cumsum(seg_k, 0) - seg_k
     total = int(seg_k.sum())
@@ -275,10 +307,7 @@ def _segmented_topk(values, offsets, k, fragments=None, index_base: int = 0, blo
         return out
     off = offsets.cpu()
     seg_begin, seg_end = off[frag], off[frag + 1]
-    tiles_per_seg = (seg_end - seg_begin + block - 1) // block
-    tile_seg = torch.repeat_interleave(torch.arange(num_segs), tiles_per_seg)
-    seg_first_tile = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
-    tile_begin = seg_begin[tile_seg] + (torch.arange(tile_seg.numel()) - seg_first_tile[tile_seg]) * block
+    tile_seg, seg_first_tile, tile_begin = _tiles(seg_begin, seg_end, block)
     tile_seg, seg_first_tile, tile_begin, seg_end, seg_k, seg_out = (
         t.to(device) for t in (tile_seg, seg_first_tile, tile_begin, seg_end, seg_k, seg_out))
     num_tiles = tile_seg.numel()
@@ -316,6 +345,73 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
+# threshold_select
+
+
+@triton.jit
+def _widen_to_fp32(x, DTYPE: tl.constexpr):
+    """x (of DTYPE) in fp32, exactly. bf16 widens by shifting its bits: the interpreter's bf16 cast
+    flushes subnormals to zero."""
+    if DTYPE == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _select_tile(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, BLOCK: tl.constexpr):
+    t, seg, pos, valid = _tile_positions(tile_seg_ptr, tile_begin_ptr, seg_end_ptr, BLOCK)
+    a = tl.abs(_widen_to_fp32(tl.load(x_ptr + pos * stride, mask=valid, other=0), x_ptr.dtype.element_ty))
+    thr = tl.load(seg_thr_ptr + seg)
+    return t, pos, valid & ((a != a) | ((a >= thr) & (a != 0)))
+
+
+@triton.jit
+def _select_count_kernel(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, count_ptr,
+                         BLOCK: tl.constexpr):
+    t, pos, sel = _select_tile(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, BLOCK)
+    tl.store(count_ptr + t, tl.sum(sel.to(tl.int64), 0))
+
+
+@triton.jit
+def _select_write_kernel(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, tile_out_ptr,
+                         out_ptr, index_base, BLOCK: tl.constexpr):
+    t, pos, sel = _select_tile(x_ptr, stride, tile_seg_ptr, tile_begin_ptr, seg_end_ptr, seg_thr_ptr, BLOCK)
+    dst = tl.load(tile_out_ptr + t) + tl.cumsum(sel.to(tl.int64), 0) - 1
+    tl.store(out_ptr + dst, pos + index_base, mask=sel)
+
+
+def _threshold_select(values, offsets, thresholds, segments=None, index_base: int = 0, block: int = SELECT_BLOCK):
+    device = values.device
+    off, _, seg = _host_layout(offsets, values.numel(), segments, "segments")
+    thr = thresholds.cpu()
+    if thr.numel() != off.numel() - 1:
+        raise ValueError(f"thresholds must have one entry per segment ({off.numel() - 1}), got {thr.numel()}")
+    tile_seg, _, tile_begin = _tiles(off[seg], off[seg + 1], block)
+    num_tiles = tile_seg.numel()
+    if num_tiles == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    tiles = (values, values.stride(0), *(t.to(device) for t in (tile_seg, tile_begin, off[seg + 1], thr[seg].float())))
+    count = torch.empty(num_tiles, dtype=torch.int64, device=device)
+    _select_count_kernel[(num_tiles,)](*tiles, count, BLOCK=block)
+    tile_out = torch.cumsum(count, 0) - count
+    out = torch.empty(int(count.sum()), dtype=torch.int64, device=device)  # the one read back: the output size
+    if out.numel() > 0:
+        _select_write_kernel[(num_tiles,)](*tiles, tile_out, out, index_base, BLOCK=block)
+    return out
+
+
+def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: torch.Tensor,
+                     segments: torch.Tensor | None = None, *, index_base: int = 0,
+                     block: int = SELECT_BLOCK) -> torch.Tensor:
+    """Triton ``threshold_select`` (see :func:`deft_kernels.ops.threshold_select`); ``values`` may be
+    strided. ``block`` is the tile size in elements (a power of two), a tuning knob only."""
+    _ops._check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate=True)
+    _check_block(block)
+    return _threshold_select(values, offsets, thresholds, segments, index_base, block)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration as the CUDA implementation of torch.ops.deft_kernels.*
 
 _LIB = None
@@ -329,7 +425,7 @@ def register_cuda_impls() -> list[str]:
     the names registered; calling it again registers nothing."""
     global _LIB
     impls = {"accumulate_norms": _accumulate_norms, "segmented_topk": _segmented_topk,
-             "sparse_pack": _sparse_pack, "sparse_unpack": _sparse_unpack}
+             "threshold_select": _threshold_select, "sparse_pack": _sparse_pack, "sparse_unpack": _sparse_unpack}
     missing = [name for name in impls
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deft_kernels::{name}", "CUDA")]
     if missing and _LIB is None:

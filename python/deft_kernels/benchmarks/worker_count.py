@@ -36,11 +36,17 @@ What it does:
 Writes ``worker_count_<model>_<device>.{txt,json,png}`` under ``--out``: the table, every
 measurement with the machine and command line, and the plot (selection time and sent density
 versus n on log axes, with DEFT's ideal ``T(1)/n``).
+
+The progress bar needs tqdm and the plot matplotlib: the ``deft_kernels[bench]`` extra. Without
+them the command stops at once naming the extra (``--no-progress`` and ``--no-plot`` do without);
+every option, ``--out`` included, is checked before any work; and a plot that fails after the run
+is reported and skipped, the table and the JSON being written first.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -49,16 +55,25 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from .. import __version__, driver, planning, sparsifiers
 from . import models
 
+__all__ = ["main", "build_parser", "parse_args", "run", "Workload", "make_workload", "simulate", "benchable",
+           "calibrated_threshold", "sparsifier_options", "summarize", "format_table", "plot", "output_stem",
+           "BENCH_EXTRA"]
+
+#: The extra that installs the optional modules below: ``pip install 'deft_kernels[bench]'``.
+BENCH_EXTRA = "deft_kernels[bench]"
+#: Optional modules, each with the option that does without it.
+OPTIONAL_MODULES = {"tqdm": "--no-progress", "matplotlib": "--no-plot"}
 DEFAULT_WORKERS = (1, 2, 4, 8, 16, 32)
 #: Sparsifiers that select nothing have no selection time to measure.
 NOT_BENCHED = ("dense",)
@@ -140,8 +155,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: the worker thread's CPU time, steadier on a shared machine "
                         "(needs --device cpu --threads 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (then tqdm is not needed)")
+    p.add_argument("--no-plot", action="store_true", help="no .png plot (then matplotlib is not needed)")
     return p
+
+
+def _exit_with_error(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as argparse does for a bad option (without the usage,
+    which would not help)."""
+    print(f"deft-bench: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _check_optional_modules(args: argparse.Namespace) -> None:
+    """Exit naming the ``[bench]`` extra when a module the options need cannot be imported (found
+    at the start, not after the whole run)."""
+    missing = [(module, option) for module, option in OPTIONAL_MODULES.items()
+               if not getattr(args, option[2:].replace("-", "_")) and not _importable(module)]
+    if missing:
+        _exit_with_error(f"{' and '.join(m for m, _ in missing)} not installed: pip install '{BENCH_EXTRA}' "
+                         f"(or run with {' '.join(o for _, o in missing)})")
+
+
+def _check_out_directory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Create ``--out`` and write a file into it now: a directory that cannot take the results would
+    otherwise be found only after the run."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        parser.error(f"--out {args.out!r} is not a writable directory ({e.strerror or e})")
+    stem = out / output_stem(args.model, args.device, args.clock)
+    for suffix in (".txt", ".json", ".png"):
+        if Path(f"{stem}{suffix}").is_dir():
+            parser.error(f"--out: {stem}{suffix} is a directory; the results are written to a file of that name")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -183,9 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--model must be a model name or 'module:factory'")
     if args.model.lower() not in models.MODELS and ":" not in args.model:
         parser.error(f"--model must be one of {models.names()} or 'module:factory', got {args.model!r}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {args.out!r} exists and is not a directory")
+    _check_optional_modules(args)
+    _check_out_directory(parser, args)  # last: it creates the directory, which a bad option should not
     return args
 
 
@@ -480,8 +538,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         work = make_workload(args.model, args.distinct_gradients, args.seed, args.device, args.train_steps)
     except ValueError as e:  # a user factory that breaks its contract, found only when it runs
-        print(f"deft-bench: error: --model {args.model}: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+        _exit_with_error(f"--model {args.model}: {e}")
     threshold = args.threshold
     if threshold is None and "threshold" in args.sparsifiers:
         threshold = calibrated_threshold(work.grads[0], args.density)
@@ -494,29 +551,41 @@ def run(args: argparse.Namespace) -> dict:
         "threshold": threshold, "threshold_calibrated": args.threshold is None and threshold is not None,
         "clock": args.clock,
         "gradient_seconds": work.seconds}
-    from tqdm import tqdm
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
 
-    total = len(args.workers) * len(args.sparsifiers) * (args.warmup + args.repeats)
+        bar = tqdm(total=len(args.workers) * len(args.sparsifiers) * (args.warmup + args.repeats),
+                   desc="deft-bench", unit="step", file=sys.stderr)
     results = []
-    with tqdm(total=total, desc="deft-bench", unit="step", disable=args.no_progress, file=sys.stderr) as bar:
+    try:
         for n in args.workers:
             for name in args.sparsifiers:
-                bar.set_postfix_str(f"{name} n={n}")
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} n={n}")
                 results.append(simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
                                         options=sparsifier_options(name, threshold), clock=args.clock,
                                         progress=bar))
+    finally:
+        if bar is not None:
+            bar.close()
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"schema": 1, "command": args.command, "machine": machine, "config": config,
            "summary": summarize(results), "results": results}
     table = format_table(results, config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / output_stem(args.model, args.device, args.clock)
-    Path(f"{stem}.txt").write_text(table)
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    plot(results, config, Path(f"{stem}.png"))
     print(table)
-    print(f"wrote {stem}.txt, {stem}.json, {stem}.png")
+    stem = Path(args.out) / output_stem(args.model, args.device, args.clock)
+    written = [f"{stem}.txt", f"{stem}.json"]
+    Path(written[0]).write_text(table)
+    Path(written[1]).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    if not args.no_plot:
+        try:
+            plot(results, config, Path(f"{stem}.png"))
+            written.append(f"{stem}.png")
+        except Exception as e:  # noqa: BLE001  (the measurements are written; a picture is not worth losing them)
+            print(f"deft-bench: plot skipped ({type(e).__name__}: {e}); the table and the JSON are written",
+                  file=sys.stderr)
+    print(f"wrote {', '.join(written)}")
     return doc
 
 

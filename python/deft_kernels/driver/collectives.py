@@ -39,22 +39,31 @@ import torch.distributed as dist
 
 @dataclass
 class AllGather:
+    """Every rank's tensor, one shape and dtype on all -> the list of every rank's, in rank order."""
+
     tensor: torch.Tensor
 
 
 @dataclass
 class Broadcast:
+    """The source rank's tensor -> on every rank."""
+
     tensor: torch.Tensor  # the source's data; a buffer of the same shape and dtype elsewhere
     src: int  # rank in the group
 
 
 @dataclass
 class AllReduce:
+    """Every rank's tensor, one shape and dtype on all -> their sum."""
+
     tensor: torch.Tensor  # summed in place over torch.distributed
 
 
 @dataclass
 class GatherUnion:
+    """Every rank's proposal (all counts known to every rank) -> the sorted union of the proposals
+    and of ``fixed``."""
+
     mine: torch.Tensor  # this rank's proposal, int64
     counts: list[int]  # every rank's proposal count, the same list on every rank
     fixed: torch.Tensor | None  # indices every rank sends anyway, the same on every rank

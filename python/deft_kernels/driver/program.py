@@ -99,6 +99,7 @@ class Laps:
         return self.clock()
 
     def start(self) -> None:
+        """Time from now (a step calls it when it begins to run)."""
         if self.clock is not None:
             self._last = self._now()
 

@@ -236,8 +236,11 @@ class Sparsifier:
 def indices_at_least(acc: torch.Tensor, threshold: float, lo: int = 0, hi: int | None = None) -> torch.Tensor:
     """Sorted int64 indices ``i`` in ``[lo, hi)`` with ``|acc[i]| >= threshold``, the threshold
     selection of HardThreshold, SIDCo and MiCRO. Zeros are never selected (sending them changes
-    nothing) and NaNs always are (the package's NaN policy: a NaN reaches the averaged gradient)."""
+    nothing) and NaNs always are (the package's NaN policy: a NaN reaches the averaged gradient).
+
+    One pass of ``ops.threshold_select`` over ``acc[lo:hi]`` as one segment, compared in fp32 with
+    ``threshold`` rounded to fp32 (a NaN threshold selects only the NaNs). The metadata is built on
+    the CPU, so CUDA values cost no synchronisation beyond the output size."""
     part = acc[lo:hi]
-    mag = part.abs()
-    keep = ((mag >= threshold) & (mag > 0)) | torch.isnan(part)
-    return torch.nonzero(keep).flatten() + lo
+    return ops.threshold_select(part, torch.tensor([0, part.numel()]), torch.tensor([threshold], dtype=torch.float32),
+                                index_base=lo, validate=False)

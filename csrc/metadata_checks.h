@@ -1,0 +1,29 @@
+// Checks of the small host-side index metadata (offsets, fragment and segment ids) that memory
+// safety needs before a kernel indexes with it, shared by the CPU bindings (bindings.cpp) and the
+// CUDA glue (csrc/cuda/*_glue.cpp). Raw pointers to host memory; the messages name the argument.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace deft_kernels {
+
+// offsets[0, m) of a vector of n elements: m >= 1 entries, 0 first, n last, non-decreasing.
+inline void check_offsets_data(const int64_t* o, int64_t m, int64_t n) {
+  TORCH_CHECK(m >= 1, "offsets must have at least one element (F + 1 for F fragments)");
+  TORCH_CHECK(o[0] == 0, "offsets[0] must be 0, got ", o[0]);
+  TORCH_CHECK(o[m - 1] == n, "offsets[-1] must equal the vector length ", n, ", got ", o[m - 1]);
+  for (int64_t i = 1; i < m; ++i)
+    TORCH_CHECK(o[i] >= o[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ", o[i],
+                " < offsets[", i - 1, "] = ", o[i - 1]);
+}
+
+// ids[0, m), the argument `name`, each the id of one of `count` things of `kind` (fragment, segment).
+inline void check_ids_data(const int64_t* ids, int64_t m, const char* name, const char* kind, int64_t count) {
+  for (int64_t i = 0; i < m; ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < count, name, "[", i, "] = ", ids[i], " is not a ", kind, " id in [0, ", count,
+                ")");
+}
+
+}  // namespace deft_kernels
