@@ -42,7 +42,7 @@ def gloo_rank(fn):
     return rank_main
 
 
-def spawn(fn, world_size: int, *args, timeout: float) -> None:
+def spawn(fn, world_size: int, *args, timeout: float = 240.0) -> None:
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` spawned processes; kill them all and
     fail if they are not done within ``timeout`` seconds."""
     ctx = mp.start_processes(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=False,
