@@ -18,7 +18,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from test_hook import spawn
+from multiproc import spawn
 
 import deft_kernels
 from deft_kernels import planning

@@ -15,17 +15,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import socket
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deft_kernels.simulate import simulate
 from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, TopK, build
+
+from multiproc import gloo_rank, run
 
 SEED = 1234
 STEPS = 4
@@ -99,7 +97,10 @@ def error_of(call) -> str:
 
 
 def bad_input_checks(rank: int) -> dict:
-    """Each check raises before any collective, so ranks cannot hang on it."""
+    """Bad input on every rank at once (each raises its own error after the step's header exchange,
+    see tests/test_exchange_faults.py for one bad rank among healthy ones), on one rank only at the
+    first step (the setup agreement), and a world size that changed (raised before any collective:
+    the call is on another group, alone)."""
     g = make_grad(rank, 0, SIZES, torch.float32)
     s = TopK(0.1)
     s.step(g, sizes=SIZES)
@@ -134,52 +135,29 @@ def bad_input_checks(rank: int) -> dict:
     return errors
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        results = {}
-        for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items():
-            s = recording(build(name, density, **kwargs))
-            steps = []
-            for t in range(STEPS):
-                out, stats = s.step(make_grad(rank, t, sizes, dtype), sizes=sizes)
-                steps.append({"out": out, "residual": None if s.residual is None else s.residual.clone(),
-                              "stats": dataclasses.asdict(stats)})
-            digests = [None] * world_size
-            dist.all_gather_object(digests, [seen["plan"] for seen in s.seen])
-            results[label] = {"steps": steps, "seen": s.seen, "digests": digests,
-                              "state": s.state_dict()}
-        results["errors"] = bad_input_checks(rank)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(world_size: int, out_dir) -> list[dict]:
-    """Spawn the ranks, wait at most SPAWN_TIMEOUT_S (then kill them and fail), load their files."""
-    context = mp.spawn(worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world_size} ranks did not finish in {SPAWN_TIMEOUT_S} s (a hung collective?)")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+@gloo_rank
+def worker(rank: int, world_size: int, out_dir) -> dict:
+    results = {}
+    for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items():
+        s = recording(build(name, density, **kwargs))
+        steps = []
+        for t in range(STEPS):
+            out, stats = s.step(make_grad(rank, t, sizes, dtype), sizes=sizes)
+            steps.append({"out": out, "residual": None if s.residual is None else s.residual.clone(),
+                          "stats": dataclasses.asdict(stats)})
+        digests = [None] * world_size
+        dist.all_gather_object(digests, [seen["plan"] for seen in s.seen])
+        results[label] = {"steps": steps, "seen": s.seen, "digests": digests,
+                          "state": s.state_dict()}
+    results["errors"] = bad_input_checks(rank)
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"n{n}")
 def world(request, tmp_path_factory):
     """(n, per-rank results, per-config simulations) for one spawn of n ranks."""
     n = request.param
-    ranks = run_ranks(n, tmp_path_factory.mktemp(f"ranks{n}"))
+    ranks = run(worker, n, tmp_path_factory.mktemp(f"ranks{n}"), timeout=SPAWN_TIMEOUT_S)
     sims = {label: simulate(name, density, [[make_grad(r, t, sizes, dtype) for t in range(STEPS)] for r in range(n)],
                             sizes=sizes, **kwargs)
             for label, (name, density, kwargs, sizes, dtype) in CONFIGS.items()}

@@ -9,48 +9,23 @@ input), except hook vs plain API with more than 2 ranks (see there).
 
 import io
 import pickle
-import socket
-import time
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, GradientSparsifier, deft_hook
 
+from multiproc import gloo_rank, run, spawn  # noqa: F401  (spawn: test modules of other branches import it from here)
+
 SPAWN_TIMEOUT_S = 240
 WARMUP = 2
 STEPS = 6
 DENSITY = 0.05
 SPARSIFIERS = ("deft", "topk", "cltk")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> None:
-    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` processes; kill them all and fail
-    if they are not done within ``timeout`` seconds (a hung collective must not hang the suite)."""
-    ctx = mp.start_processes(fn, args=(world_size, _free_port(), *args), nprocs=world_size, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"{world_size} ranks still running after {timeout} s: killed (hung collective?)")
 
 
 def _model() -> nn.Module:
@@ -108,109 +83,103 @@ def _exact(actual, expected, msg):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=lambda m: f"{msg}: {m}")
 
 
-def _worker(rank, world_size, port, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        tmp = Path(tmp)
-        batches = _batches(rank, STEPS)
+@gloo_rank
+def _worker(rank, world_size, tmp):
+    batches = _batches(rank, STEPS)
 
-        # DDP without a hook: the reference for the warm-up steps.
-        model = _model()
-        dense_losses, dense_grads = _train(model, DDP(model), batches[:WARMUP], _sgd(model))
+    # DDP without a hook: the reference for the warm-up steps.
+    model = _model()
+    dense_losses, dense_grads = _train(model, DDP(model), batches[:WARMUP], _sgd(model))
 
-        for name in SPARSIFIERS:
-            order: dict[int, list[int]] = {}
-            model, _, state, _, losses, grads = _hook_run(name, batches, order=order)
-            # Warm-up steps are DDP's own dense average.
-            _exact(losses[:WARMUP], dense_losses, f"{name}: warm-up losses")
-            _exact(grads[:WARMUP], dense_grads, f"{name}: warm-up gradients")
-            # Sparse steps: the counters advanced once per iteration, every gradient is sparse.
-            assert state.iter == STEPS and len(order) == 1, (state.iter, order)
-            stats = state.compression_stats()
-            # Top-k's union grows with the workers (build-up); DEFT and CLT-k send about k.
-            max_density = world_size * DENSITY if name == "topk" else 1.1 * DENSITY
-            assert stats["steps"] == STEPS - WARMUP and 0 < stats["density"] <= max_density, (name, stats)
-            for step_grads in grads[WARMUP:]:
-                nonzero = sum(int(g.count_nonzero()) for g in step_grads)
-                assert 0 < nonzero <= state.last_stats[0].sent, (name, nonzero, state.last_stats[0])
-            # The plain API over the same parameters in the bucket's order gives the same training.
-            plain = _model()
-            params = list(plain.parameters())
-            gs = GradientSparsifier([params[i] for i in order[0]], sparsifier=name, density=DENSITY,
-                                    warmup_steps=WARMUP)
-            plain_losses, plain_grads = _train(plain, plain, batches, _sgd(plain), sparsifier=gs)
-            # Exact with 2 ranks. With more, DDP's first iteration all-reduces its provisional bucket (model
-            # order) and the plain API its flat vector (rebuilt-bucket order): gloo's ring adds the ranks'
-            # values in an order set by each element's position, so that step differs in the last bit.
-            tol = {"rtol": 0, "atol": 0} if world_size == 2 else {"rtol": 1e-5, "atol": 1e-7}
-            for what, a, b in (("losses", plain_losses, losses), ("gradients", plain_grads, grads),
-                               ("parameters", list(plain.parameters()), list(model.parameters()))):
-                torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: plain API vs hook, {what}: {m}")
+    for name in SPARSIFIERS:
+        order: dict[int, list[int]] = {}
+        model, _, state, _, losses, grads = _hook_run(name, batches, order=order)
+        # Warm-up steps are DDP's own dense average.
+        _exact(losses[:WARMUP], dense_losses, f"{name}: warm-up losses")
+        _exact(grads[:WARMUP], dense_grads, f"{name}: warm-up gradients")
+        # Sparse steps: the counters advanced once per iteration, every gradient is sparse.
+        assert state.iter == STEPS and len(order) == 1, (state.iter, order)
+        stats = state.compression_stats()
+        # Top-k's union grows with the workers (build-up); DEFT and CLT-k send about k.
+        max_density = world_size * DENSITY if name == "topk" else 1.1 * DENSITY
+        assert stats["steps"] == STEPS - WARMUP and 0 < stats["density"] <= max_density, (name, stats)
+        for step_grads in grads[WARMUP:]:
+            nonzero = sum(int(g.count_nonzero()) for g in step_grads)
+            assert 0 < nonzero <= state.last_stats[0].sent, (name, nonzero, state.last_stats[0])
+        # The plain API over the same parameters in the bucket's order gives the same training.
+        plain = _model()
+        params = list(plain.parameters())
+        gs = GradientSparsifier([params[i] for i in order[0]], sparsifier=name, density=DENSITY,
+                                warmup_steps=WARMUP)
+        plain_losses, plain_grads = _train(plain, plain, batches, _sgd(plain), sparsifier=gs)
+        # Exact with 2 ranks. With more, DDP's first iteration all-reduces its provisional bucket (model
+        # order) and the plain API its flat vector (rebuilt-bucket order): gloo's ring adds the ranks'
+        # values in an order set by each element's position, so that step differs in the last bit.
+        tol = {"rtol": 0, "atol": 0} if world_size == 2 else {"rtol": 1e-5, "atol": 1e-7}
+        for what, a, b in (("losses", plain_losses, losses), ("gradients", plain_grads, grads),
+                           ("parameters", list(plain.parameters()), list(model.parameters()))):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: plain API vs hook, {what}: {m}")
 
-        # Checkpoint round trip through a rebuilt DDP model, several buckets (the resumed model's first
-        # iteration has one provisional bucket: the state regroups it into the saved buckets).
-        cap = 0.01  # MB: about 2.5k fp32 elements per bucket
-        straight, _, straight_state, _, _, _ = _hook_run("deft", batches, bucket_cap_mb=cap)
-        assert len(straight_state.state_dict()["buckets"]) > 1
-        model, _, state, opt, _, _ = _hook_run("deft", batches[:3], bucket_cap_mb=cap)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
-                   tmp / f"ckpt_rank{rank}.pt")
-        pickled = pickle.loads(pickle.dumps(state))
-        del model, state, opt
-        ckpt = torch.load(tmp / f"ckpt_rank{rank}.pt")
-        model = _model()
-        model.load_state_dict(ckpt["model"])
-        opt = _sgd(model)
-        opt.load_state_dict(ckpt["opt"])
-        state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
-        state.load_state_dict(ckpt["hook"])
-        ddp = DDP(model, bucket_cap_mb=cap)
-        ddp.register_comm_hook(state, deft_hook)
-        _train(model, ddp, batches[3:], opt)
-        _exact(list(model.parameters()), list(straight.parameters()), "3 steps + checkpoint + 3 steps vs 6 steps")
-        assert state.iter == straight_state.iter == STEPS
-        _exact(_residuals(state), _residuals(straight_state), "residuals after resuming vs not stopping")
+    # Checkpoint round trip through a rebuilt DDP model, several buckets (the resumed model's first
+    # iteration has one provisional bucket: the state regroups it into the saved buckets).
+    cap = 0.01  # MB: about 2.5k fp32 elements per bucket
+    straight, _, straight_state, _, _, _ = _hook_run("deft", batches, bucket_cap_mb=cap)
+    assert len(straight_state.state_dict()["buckets"]) > 1
+    model, _, state, opt, _, _ = _hook_run("deft", batches[:3], bucket_cap_mb=cap)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
+               tmp / f"ckpt_rank{rank}.pt")
+    pickled = pickle.loads(pickle.dumps(state))
+    del model, state, opt
+    ckpt = torch.load(tmp / f"ckpt_rank{rank}.pt")
+    model = _model()
+    model.load_state_dict(ckpt["model"])
+    opt = _sgd(model)
+    opt.load_state_dict(ckpt["opt"])
+    state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
+    state.load_state_dict(ckpt["hook"])
+    ddp = DDP(model, bucket_cap_mb=cap)
+    ddp.register_comm_hook(state, deft_hook)
+    _train(model, ddp, batches[3:], opt)
+    _exact(list(model.parameters()), list(straight.parameters()), "3 steps + checkpoint + 3 steps vs 6 steps")
+    assert state.iter == straight_state.iter == STEPS
+    _exact(_residuals(state), _residuals(straight_state), "residuals after resuming vs not stopping")
 
-        # Pickling drops the process group and keeps the residuals and counter.
-        assert pickled.process_group is None and pickled.iter == 3
-        loaded = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
-        loaded.load_state_dict(ckpt["hook"])
-        _exact(_residuals(pickled), _residuals(loaded), "pickled state vs saved state")
+    # Pickling drops the process group and keeps the residuals and counter.
+    assert pickled.process_group is None and pickled.iter == 3
+    loaded = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
+    loaded.load_state_dict(ckpt["hook"])
+    _exact(_residuals(pickled), _residuals(loaded), "pickled state vs saved state")
 
-        # Every rank loads its own file: another rank's is refused.
-        other = torch.load(tmp / f"ckpt_rank{(rank + 1) % world_size}.pt")["hook"]
-        with pytest.raises(ValueError, match="every rank must load the file it saved"):
-            DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP).load_state_dict(other)
-        with pytest.raises(ValueError, match="density"):
-            DeftState(sparsifier="deft", density=0.5, warmup_steps=WARMUP).load_state_dict(ckpt["hook"])
-        gs = GradientSparsifier(_model(), density=DENSITY)
-        saved = gs.state_dict()
-        saved["rank"] = (rank + 1) % world_size
-        with pytest.raises(ValueError, match="every rank must load the file it saved"):
-            gs.load_state_dict(saved)
+    # Every rank loads its own file: another rank's is refused.
+    other = torch.load(tmp / f"ckpt_rank{(rank + 1) % world_size}.pt")["hook"]
+    with pytest.raises(ValueError, match="every rank must load the file it saved"):
+        DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP).load_state_dict(other)
+    with pytest.raises(ValueError, match="density"):
+        DeftState(sparsifier="deft", density=0.5, warmup_steps=WARMUP).load_state_dict(ckpt["hook"])
+    gs = GradientSparsifier(_model(), density=DENSITY)
+    saved = gs.state_dict()
+    saved["rank"] = (rank + 1) % world_size
+    with pytest.raises(ValueError, match="every rank must load the file it saved"):
+        gs.load_state_dict(saved)
 
-        # A loaded state registered on a different model: refused at its first iteration, on every rank
-        # alike (before any collective of the sparse step).
-        state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
-        state.load_state_dict(ckpt["hook"])
-        torch.manual_seed(1)
-        other_model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10))
-        ddp = DDP(other_model)
-        ddp.register_comm_hook(state, deft_hook)
-        x, y = batches[0]
-        with pytest.raises(RuntimeError, match="do not match the buckets of the loaded state"):
-            F.cross_entropy(ddp(x), y).backward()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # A loaded state registered on a different model: refused at its first iteration, on every rank
+    # alike (before any collective of the sparse step).
+    state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
+    state.load_state_dict(ckpt["hook"])
+    torch.manual_seed(1)
+    other_model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 10))
+    ddp = DDP(other_model)
+    ddp.register_comm_hook(state, deft_hook)
+    x, y = batches[0]
+    with pytest.raises(RuntimeError, match="do not match the buckets of the loaded state"):
+        F.cross_entropy(ddp(x), y).backward()
+    dist.barrier()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_hook_with_processes(world_size, tmp_path):
-    spawn(_worker, world_size, str(tmp_path))
+    run(_worker, world_size, tmp_path, timeout=SPAWN_TIMEOUT_S)
 
 
 # ---- single process: argument checks of the hook's state ----

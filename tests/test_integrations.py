@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, deft_hook
-from test_hook import spawn
+from multiproc import spawn
 
 STEPS, WARMUP, DENSITY = 6, 2, 0.05
 BUCKET_CAP_MB = 0.01  # about 10 kB: the model's 6,154 parameters fill 3 buckets

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from deft_kernels import planning
+from deft_kernels import driver, planning
 from deft_kernels.simulate import simulate
-from deft_kernels.sparsifiers import (CLTK, DEFT, SPARSIFIERS, HardThreshold, MiCRO, SIDCo, TopK, base,
-                                      build)
+from deft_kernels.sparsifiers import CLTK, DEFT, SPARSIFIERS, HardThreshold, MiCRO, SIDCo, TopK, build
 
 KWARGS = {"threshold": {"threshold": 1.5}}
 SIZES = [3000, 10, 500, 2, 8000, 40]
@@ -176,9 +175,10 @@ def test_load_state_dict_rejects_other_algorithms_and_missing_keys():
 
 
 def test_cpu_grad_on_an_nccl_group_is_an_error(monkeypatch):
-    monkeypatch.setattr(base.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(base.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(base.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(driver.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(driver.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(driver.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(driver.dist, "get_backend", lambda group=None: "nccl")
     with pytest.raises(ValueError, match="backend is nccl, which needs CUDA tensors"):
         TopK(0.1).step(torch.ones(8))
 

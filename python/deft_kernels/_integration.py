@@ -1,6 +1,6 @@
 """Pieces shared by the two integrations (the DDP hook in ``deft_kernels.hook`` and the plain API in
-``deft_kernels.training``): argument checks, building a sparsifier from a name or a factory, the
-dense averaged all-reduce used for warm-up steps, and the running compression statistics.
+``deft_kernels.training``): argument checks, building a sparsifier from a name or a factory, and the
+running compression statistics. Both run their steps with :mod:`deft_kernels.driver`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import numbers
 from dataclasses import asdict
 from typing import Any, Callable, Union
 
-import torch
 import torch.distributed as dist
 
 from .sparsifiers.base import Sparsifier, StepStats
@@ -72,16 +71,6 @@ def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-def dense_mean_(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """In place: ``tensor`` becomes the mean of its values over the workers of ``group`` (divided
-    first, then summed, as DDP's default hook does). World size 1: unchanged, no communication."""
-    _, n = world(group)
-    if n > 1:
-        tensor.div_(n)
-        dist.all_reduce(tensor, group=group)
-    return tensor
 
 
 def check_checkpoint(saved: dict[str, Any], group: dist.ProcessGroup | None, density: float) -> None:

@@ -6,16 +6,37 @@ One line turns it on, in the style of PyTorch's PowerSGD hook::
 
 What the hook does with each DDP bucket at iteration ``state.iter``:
 
-1. **Warm-up** (``iter < warmup_steps``): dense all-reduce of the bucket, averaged over the workers,
-   exactly what DDP does without a hook. No residual is kept.
+1. **Warm-up** (``iter < warmup_steps``): the dense path of :mod:`deft_kernels.driver`: the bucket
+   all-reduced in fp32 and divided by the number of workers in fp32, one rounding (DDP's average up
+   to that rounding). No residual is kept.
 2. **Sparse steps**: the bucket's own sparsifier (one per ``bucket.index()``, with its own
-   error-feedback residual; fragments are cut from the bucket's parameter sizes) runs
-   ``Sparsifier.step`` on the bucket's local flat gradient. The result, zero except at the indices
-   sent by some worker where it holds their mean, replaces the bucket. ``Sparsifier.step`` runs
-   blocking collectives, so the hook computes synchronously and returns a completed future: there is
-   no overlap with the rest of the backward pass, and nothing ever waits inside a ``Future.then``
-   callback (which deadlocks on gloo).
+   error-feedback residual; fragments are cut from the bucket's parameter sizes) runs the driver's
+   step program on the bucket's local flat gradient. The result, zero except at the indices sent by
+   some worker where it holds their mean, replaces the bucket.
 3. The iteration counter advances after the last bucket (``bucket.is_last()``).
+
+**Overlap.** The hook returns at once with a future chained on the step's asynchronous collectives
+(:class:`deft_kernels.driver.ExchangeQueue`): a step continues in the thread that completes its
+collective, so the exchange of a bucket overlaps the rest of backward, as PowerSGD's hook does, and
+nothing ever waits inside a ``Future.then`` callback (which deadlocks on gloo). Ordering rule: the
+buckets' steps run one at a time, in bucket order, each starting when the previous one ends, so
+every rank issues the group's collectives in one order. At the last bucket backward is done, and the
+hook waits there until every step has ended, before DDP issues collectives of its own (with
+``find_unused_parameters=True`` it all-reduces its map of used parameters right after the last
+bucket). On NCCL a collective's future completes when the work is enqueued, so the steps run inline
+and the one host read of a step blocks the hook's thread until its data has arrived (not run on a
+GPU yet).
+
+**Unused parameters.** With ``find_unused_parameters=True`` DDP discards the hook's output for a
+parameter no rank used in the iteration; anything sent there would be lost. The state registers a
+tensor hook on every parameter (it runs when the parameter's gradient is computed, before DDP's own
+hooks) and passes each step the parameters this rank used since the previous exchange (under
+``no_sync``, in any of the accumulated iterations, as DDP counts them); the step exchanges these
+flags in its header, and a parameter no rank used keeps its residual whole (see :mod:`deft_kernels.driver.program`).
+In a new DDP model's first iteration the tensor hooks are registered too late to fire; when that
+iteration is sparse (resuming from a checkpoint), a parameter counts as used where its local
+gradient is not all zeros, which also keeps everything: a parameter excluded while in use gets a zero
+output and keeps its residual for later.
 
 **Why a warm-up of at least one step.** DDP buckets its parameters twice: in a new DDP model's first
 iteration every parameter sits in one provisional bucket (in ``model.parameters()`` order); at the
@@ -43,6 +64,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
                            check_sparsifier_spec, make_sparsifier, world)
+from .driver import ExchangeQueue, StepResult, TorchCollectives, mean_program, run_blocking, step_program
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["DeftState", "deft_hook"]
@@ -93,11 +115,25 @@ class DeftState:
 
     def _reset_model(self) -> None:
         """Forget the DDP model: the next hook call starts a new model's first iteration."""
-        self._positions: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> position
+        self._forget_parameters()
         self._iteration_started = False
         self._new_model = False
         self._mode = ""
         self._pending: list[tuple[list[int], list[int], torch.Tensor, torch.futures.Future]] = []
+        self._queue: ExchangeQueue | None = None  # made at the first step that needs it (needs the group)
+
+    def _forget_parameters(self) -> None:
+        """Drop the parameters of the previous DDP model and the tensor hooks on them."""
+        for handle in getattr(self, "_tensor_hooks", []):
+            handle.remove()
+        self._tensor_hooks: list = []
+        self._positions: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> position
+        self._used: set[int] = set()  # positions whose gradient was computed in this iteration
+
+    def _mark_used(self, position: int):
+        def hook(grad: torch.Tensor) -> None:
+            self._used.add(position)
+        return hook
 
     @property
     def sparsifiers(self) -> dict[int, Sparsifier]:
@@ -161,7 +197,7 @@ class DeftState:
             self._iteration_started = True
             new_model = any(p not in self._positions for p in params)
             if new_model:
-                self._positions = WeakIdKeyDictionary()
+                self._forget_parameters()
             self._new_model = new_model
             if self.iter < self.warmup_steps:
                 self._mode = "dense"
@@ -172,6 +208,7 @@ class DeftState:
         if self._new_model:
             for p in params:
                 self._positions[p] = len(self._positions)
+                self._tensor_hooks.append(p.register_hook(self._mark_used(self._positions[p])))
 
     def _layout(self, bucket: dist.GradBucket) -> tuple[list[int], list[int]]:
         try:
@@ -182,7 +219,28 @@ class DeftState:
                                "load_state_dict into one, for a new model") from None
         return positions, [g.numel() for g in bucket.gradients()]
 
-    def _sparse_bucket(self, bucket: dist.GradBucket) -> torch.Tensor:
+    def _comm(self) -> TorchCollectives:
+        if self._queue is None:
+            self._queue = ExchangeQueue(TorchCollectives(self.process_group))
+        return self._queue.collectives
+
+    def _submit(self, program, buffer: torch.Tensor, index: int | None) -> torch.futures.Future:
+        """Queue a step; the future holds its output (and records its stats when ``index`` is a bucket)."""
+        def output(fut: torch.futures.Future) -> torch.Tensor:
+            result: StepResult = fut.value()
+            if index is not None:
+                self.last_stats[index] = result.stats
+            return result.out
+
+        self._comm()
+        return self._queue.submit(program, buffer.device).then(output)
+
+    def _dense_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        comm = self._comm()
+        buffer = bucket.buffer()
+        return self._submit(mean_program(buffer, rank=comm.rank, world_size=comm.world_size), buffer, None)
+
+    def _sparse_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         positions, sizes = self._layout(bucket)
         index = bucket.index()
         b = self._buckets.get(index)
@@ -192,9 +250,12 @@ class DeftState:
         elif b.positions != tuple(positions):
             raise RuntimeError(f"DDP bucket {index} changed its parameters after sparsification began; its residual "
                                "no longer lines up with the gradient (were the buckets rebuilt again?)")
-        out, stats = b.sparsifier.step(bucket.buffer(), sizes=sizes, group=self.process_group)
-        self.last_stats[index] = stats
-        return out
+        comm = self._comm()
+        used = torch.tensor([pos in self._used for pos in positions], dtype=torch.bool)
+        buffer = bucket.buffer()
+        program = step_program(b.sparsifier, buffer, sizes=sizes, rank=comm.rank, world_size=comm.world_size,
+                               used=used)
+        return self._submit(program, buffer, index)
 
     def _regroup(self) -> None:
         """Last bucket of a resumed model's first iteration: gather the parameters of each saved bucket
@@ -209,27 +270,32 @@ class DeftState:
             raise RuntimeError("the DDP model's parameters do not match the buckets of the loaded state "
                                f"({len(numels)} parameters, {sum(numels.values())} elements; the state has "
                                f"{len(saved)} parameters, {sum(saved.values())} elements)")
+        comm = self._comm()
         outs = {}
         for index in sorted(self._buckets):
             b = self._buckets[index]
-            out, self.last_stats[index] = b.sparsifier.step(
-                torch.cat([grads[pos] for pos in b.positions]), sizes=list(b.sizes), group=self.process_group)
-            outs.update(zip(b.positions, out.split(list(b.sizes))))
+            # The tensor hooks were registered too late to fire in this first iteration: a parameter
+            # counts as used where its gradient is not all zeros (see the module docstring).
+            used = torch.stack([grads[pos].ne(0).any() for pos in b.positions])
+            result = run_blocking(step_program(b.sparsifier, torch.cat([grads[pos] for pos in b.positions]),
+                                               sizes=list(b.sizes), rank=comm.rank, world_size=comm.world_size,
+                                               used=used), comm)
+            self.last_stats[index] = result.stats
+            outs.update(zip(b.positions, result.out.split(list(b.sizes))))
         for positions, _, buffer, fut in self._pending:
             fut.set_result(torch.cat([outs[pos] for pos in positions]).view_as(buffer))
 
     def _end_iteration(self) -> None:
+        """After the last bucket: wait until every step of the iteration has ended (nothing is left of
+        backward to overlap with, and DDP may issue collectives of its own next), then advance."""
+        if self._queue is not None:
+            self._queue.wait_idle()
         if self._mode in ("sparse", "regroup"):
             self._log.record(list(self.last_stats.values()))
         self.iter += 1
         self._iteration_started = False
         self._pending = []
-
-
-def _completed(tensor: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(tensor)
-    return fut
+        self._used = set()
 
 
 def deft_hook(state: DeftState, bucket: dist.GradBucket,
@@ -239,8 +305,9 @@ def deft_hook(state: DeftState, bucket: dist.GradBucket,
     ``model.register_comm_hook(state, deft_hook)``.
 
     Returns a future holding a tensor shaped like ``bucket.buffer()``: the mean over workers, dense in
-    the warm-up, sparse after it. FSDP is not supported: its ``register_comm_hook`` calls hooks with
-    gradient tensors (``fsdp_grads``: the sharded output of a sharded strategy), which raises a
+    the warm-up, sparse after it. The future completes when the bucket's exchange has; the hook
+    itself waits only at the last bucket. FSDP is not supported: its ``register_comm_hook`` calls hooks
+    with gradient tensors (``fsdp_grads``: the sharded output of a sharded strategy), which raises a
     ``TypeError`` saying so.
     """
     if fsdp_grads or isinstance(bucket, torch.Tensor):
@@ -257,13 +324,11 @@ def deft_hook(state: DeftState, bucket: dist.GradBucket,
     state._begin_bucket(bucket)
     try:
         if state._mode == "dense":
-            _, n = world(state.process_group)
-            fut = dist.all_reduce(buffer.div_(n), group=state.process_group, async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
+            return state._dense_bucket(bucket)
         if state._mode == "sparse":
-            return _completed(state._sparse_bucket(bucket))
+            return state._sparse_bucket(bucket)
         positions, sizes = state._layout(bucket)
-        fut = torch.futures.Future()
+        fut = torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
         state._pending.append((positions, sizes, buffer, fut))
         if bucket.is_last():
             state._regroup()

@@ -1,17 +1,16 @@
 """Single-process simulation of ``n`` workers on the reference ops: the oracle of the multi-process
 tests.
 
-:func:`simulate` runs a sparsifier's phases for every rank in one process, exactly as
-:meth:`Sparsifier.step <deft_kernels.sparsifiers.base.Sparsifier.step>` runs them over
-``torch.distributed``, but with :mod:`deft_kernels.reference` in place of the C++/CUDA ops and
-plain tensor operations in place of the collectives: the leader's plan is handed to everyone (the
-broadcast), the proposals are concatenated (the all-gather), the packed values summed in rank order
-(the all-reduce). Each rank has its own sparsifier instance, so per-rank state (residuals, MiCRO's
+:func:`simulate` runs the step driver's one step program (:mod:`deft_kernels.driver`) for every rank
+in one process, in lockstep (:func:`deft_kernels.driver.simulate_step`), with
+:mod:`deft_kernels.reference` in place of the C++/CUDA ops: each collective's result is computed in
+the process (the leader's plan handed to everyone, the proposals' union, the values summed in rank
+order). Each rank has its own sparsifier instance, so per-rank state (residuals, MiCRO's
 thresholds) evolves as it would on separate workers.
 
-The algorithms' own planning and selection code (``plan``, ``select``, ``observe``) is shared with
-the real step; what the simulation checks independently is everything around it: the kernels, the
-error feedback, the agreement, the exchange and the averaging.
+The step's logic is shared with the real step; what a comparison with a real run checks
+independently is the kernels (against the reference ops) and the collectives (torch.distributed
+against the in-process ones).
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 
 from . import reference
-from .sparsifiers import Dense, Sparsifier, build
+from .driver import simulate_step
+from .sparsifiers import Sparsifier, build
 
 
 @dataclass
@@ -76,34 +76,11 @@ def simulate(sparsifier: str | Sparsifier, density: float | None = None,
 
 
 def _one_step(workers, grads: list[torch.Tensor], sizes) -> SimStep:
-    n = len(workers)
-    if isinstance(workers[0], Dense):
-        for w, g in zip(workers, grads):
-            w._check_step_input(g, sizes, n)
-        total = torch.stack([g.float() for g in grads]).sum(0)
-        out = (total / n).to(grads[0].dtype)
-        for w in workers:
-            w.step_count += 1
-        everything = torch.arange(out.numel(), dtype=torch.int64)
-        return SimStep([out.clone() for _ in range(n)], [None] * n, list(grads), [everything] * n, everything, None)
-
-    offsets = [w._begin(g, sizes, n) for w, g in zip(workers, grads)]  # makes the residuals at step 0
-    norms = [reference.accumulate_norms(g, w.residual, o) for w, g, o in zip(workers, grads, offsets)]
-    step = workers[0].step_count
-    accumulated = [w.residual.clone() for w in workers]
-    leader = step % n
-    plan = workers[leader].plan(workers[leader].residual, norms[leader], offsets[leader], n, step)
-    selected = [w.select(w.residual, norms[r], offsets[r], plan, r, n, step) for r, w in enumerate(workers)]
-    parts = list(selected) if workers[0].gathers_selection else []
-    fixed = workers[0].always_sent(plan, grads[0].device)
-    if fixed is not None:
-        parts.append(fixed)
-    sent = torch.unique(torch.cat(parts), sorted=True) if parts else torch.zeros(0, dtype=torch.int64)
-    total = torch.zeros(sent.numel(), dtype=torch.float32)
-    for w in workers:
-        total += reference.sparse_pack(w.residual, sent).float()
-    outputs = [reference.sparse_unpack(w.residual, sent, total.to(w.residual.dtype), 1.0 / n) for w in workers]
-    for w in workers:
-        w.observe(plan, sent, grads[0].numel(), n)
-        w.step_count += 1
-    return SimStep(outputs, [w.residual.clone() for w in workers], accumulated, selected, sent, plan)
+    leader = workers[0].step_count % len(workers)
+    results = simulate_step(workers, grads, sizes=sizes, keep_accumulated=True)
+    residuals = [None if w.residual is None else w.residual.clone() for w in workers]
+    if workers[0].dense:
+        everything = torch.arange(grads[0].numel(), dtype=torch.int64)
+        return SimStep([r.out for r in results], residuals, list(grads), [everything] * len(grads), everything, None)
+    return SimStep([r.out for r in results], residuals, [r.accumulated for r in results],
+                   [r.selected for r in results], results[0].sent, results[leader].plan)

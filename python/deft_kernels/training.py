@@ -8,9 +8,10 @@
         optimizer.step()
 
 ``GradientSparsifier.step`` flattens the gradients of the parameters that require grad into one
-persistent flat buffer per dtype, runs ``Sparsifier.step`` on it with ``sizes`` = the parameter
-sizes (so DEFT's fragments follow the parameter boundaries), and writes the result, the mean over the
-workers at the sent indices and zero elsewhere, back into every ``p.grad``. Each worker calls it at
+persistent flat buffer per dtype, runs the step driver on it (:func:`deft_kernels.driver.step`, with
+``sizes`` = the parameter sizes, so DEFT's fragments follow the parameter boundaries; in the warm-up
+:func:`deft_kernels.driver.mean`, the dense path), and writes the result, the mean over the workers
+at the sent indices and zero elsewhere, back into every ``p.grad``. Each worker calls it at
 the same point of every iteration; it communicates in ``group`` (the default group when
 torch.distributed is initialised; alone, without communication, when it is not).
 """
@@ -23,8 +24,9 @@ from typing import Any, Iterable, Union
 import torch
 import torch.distributed as dist
 
+from . import driver
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
-                           check_sparsifier_spec, dense_mean_, make_sparsifier, world)
+                           check_sparsifier_spec, make_sparsifier, world)
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["GradientSparsifier"]
@@ -130,10 +132,10 @@ class GradientSparsifier:
                 else:
                     view.copy_(p.grad.reshape(-1))
             if sparse:
-                out, s = g.sparsifier.step(g.flat, sizes=g.sizes, group=self.group)
+                out, s = driver.step(g.sparsifier, g.flat, sizes=g.sizes, group=self.group)
                 stats.append(s)
             else:
-                out = dense_mean_(g.flat, self.group)
+                out = driver.mean(g.flat, self.group)
             for p, o in zip(g.params, out.split(g.sizes)):
                 if p.grad is None:
                     p.grad = o.view_as(p).clone()

@@ -11,16 +11,26 @@ class CLTK(TopK):
     """The leader ``step % n`` selects the top ``k`` of its own accumulated gradient and broadcasts
     the indices in the plan; every worker all-reduces its values there. No all-gather and no
     build-up (exactly ``k`` indices are sent), but the leader scans all ``N`` elements while the
-    others wait."""
+    others wait. Nobody proposes anything, so the header rides on the value all-reduce
+    (``header_at = "with_values"``) and the plan never leaves the device."""
 
     name = "cltk"
-    gathers_selection = False
+    header_at = "with_values"
 
     def plan(self, acc, norms, offsets, world_size, step) -> torch.Tensor:
-        return self.top_k_of_all(acc).cpu()  # plans cross the wire pickled: CPU only
+        return self.top_k_of_all(acc)
+
+    def plan_wire(self, numel, offsets, world_size) -> tuple[int, torch.dtype]:
+        return self.budget(numel), torch.int64
+
+    def encode_plan(self, plan: torch.Tensor) -> torch.Tensor:
+        return plan
+
+    def decode_plan(self, wire, offsets, world_size) -> torch.Tensor:
+        return wire
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=acc.device)
 
     def always_sent(self, plan, device) -> torch.Tensor | None:
-        return plan.to(device)
+        return plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import planning
+from ..transfer import to_device
 from .base import Sparsifier
 
 
@@ -18,11 +19,20 @@ class DEFT(Sparsifier):
     is exactly ``sum(k)``, whatever ``n`` is. (The paper has each worker use its own k; using the
     leader's keeps the sent count exact and every worker's view of the plan identical.)
 
+    The header travels before the plan (``header_at = "before_plan"``): the leader reads it with its
+    norms, the others with the plan, so a step reads device data on the host once per rank; every
+    rank's proposal count follows from the plan, so no count needs exchanging.
+
     ``cost_model`` names a :data:`deft_kernels.planning.COST_MODELS` entry or is a callable
     ``(sizes, k) -> cost`` used by the bin packing.
     """
 
     name = "deft"
+    header_at = "before_plan"
+    disjoint_proposals = True
+
+    #: Bin code of a fragment in the plan's wire format: not selected at all, or sent whole.
+    NO_BIN, COMMON = -1, -2
 
     def __init__(self, density: float, cost_model=planning.DEFAULT_COST_MODEL) -> None:
         super().__init__(density)
@@ -35,14 +45,32 @@ class DEFT(Sparsifier):
         return planning.fragment_offsets(sizes, world_size)
 
     def plan(self, acc, norms, offsets, world_size, step) -> planning.DeftPlan:
-        sizes = (offsets[1:] - offsets[:-1]).cpu()
-        return planning.make_plan(norms.cpu(), sizes, self.budget(acc.numel()), world_size, self.cost_model)
+        return planning.make_plan(norms, offsets.diff(), self.budget(acc.numel()), world_size, self.cost_model)
+
+    def plan_wire(self, numel, offsets, world_size) -> tuple[int, torch.dtype]:
+        return 3 * (offsets.numel() - 1), torch.int64  # k, bin code and cost (float64 bits) per fragment
+
+    def encode_plan(self, plan: planning.DeftPlan) -> torch.Tensor:
+        code = torch.full_like(plan.k, self.NO_BIN)
+        for b, fragments in enumerate(plan.bins):
+            code[fragments] = b
+        code[plan.common] = self.COMMON
+        return torch.cat([plan.k, code, plan.costs.view(torch.int64)])
+
+    def decode_plan(self, wire, offsets, world_size) -> planning.DeftPlan:
+        k, code, costs = wire.view(3, -1)
+        return planning.DeftPlan(sizes=offsets.diff(), k=k.clone(),
+                                 bins=[torch.nonzero(code == b).flatten() for b in range(world_size)],
+                                 common=torch.nonzero(code == self.COMMON).flatten(), costs=costs.view(torch.float64))
+
+    def proposal_counts(self, plan, world_size, step) -> list[int]:
+        return [int(plan.k[plan.fragments_of(rank, step)].sum()) for rank in range(world_size)]
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
-        frags = plan.fragments_of(rank, step).to(acc.device)
+        frags = plan.fragments_of(rank, step)
         if frags.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=acc.device)
-        return self.kernels.segmented_topk(acc, offsets, plan.k.to(acc.device), frags)
+        return self.kernels.segmented_topk(acc, offsets, plan.k, frags)  # host metadata next to the values
 
     def always_sent(self, plan, device) -> torch.Tensor | None:
-        return plan.common_indices().to(device) if plan.common.numel() else None
+        return to_device(plan.common_indices(), device) if plan.common.numel() else None

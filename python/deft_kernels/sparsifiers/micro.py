@@ -34,6 +34,7 @@ import math
 import torch
 
 from .. import planning
+from ..transfer import to_host
 from .base import Sparsifier, indices_at_least
 
 
@@ -43,6 +44,7 @@ class MiCRO(Sparsifier):
     threshold in one step; ``gain`` in ``(0, 1]`` is the fraction of the Newton step taken."""
 
     name = "micro"
+    disjoint_proposals = True
 
     def __init__(self, density: float, max_scale: float = 2.0, gain: float = 0.5) -> None:
         super().__init__(density)
@@ -60,16 +62,26 @@ class MiCRO(Sparsifier):
 
     def plan(self, acc, norms, offsets, world_size, step) -> torch.Tensor:
         bounds = planning.partition_offsets(acc.numel(), world_size).tolist()
-        current = self.thresholds or [0.0] * world_size
-        start = math.log(1.0 / self.density)
-        out = []
-        for p, th in enumerate(current):
-            if not th > 0:  # also NaN
+        current = list(self.thresholds or [0.0] * world_size)
+        fresh = [p for p, th in enumerate(current) if not th > 0]  # also NaN
+        if fresh:  # the exponential-model start, from the leader's own data: one host read
+            means = []
+            for p in fresh:
                 part = acc[bounds[p]:bounds[p + 1]].float().abs()
                 part = part[torch.isfinite(part)]
-                th = float(part.mean()) * start if part.numel() else 0.0
-            out.append(th)
-        return torch.tensor(out, dtype=torch.float64)
+                means.append(part.mean() if part.numel() else part.new_zeros(()))
+            for p, mean in zip(fresh, to_host(torch.stack(means))[0].tolist()):
+                current[p] = mean * math.log(1.0 / self.density)
+        return torch.tensor(current, dtype=torch.float64)
+
+    def plan_wire(self, numel, offsets, world_size) -> tuple[int, torch.dtype]:
+        return world_size, torch.float64
+
+    def encode_plan(self, plan: torch.Tensor) -> torch.Tensor:
+        return plan
+
+    def decode_plan(self, wire, offsets, world_size) -> torch.Tensor:
+        return wire
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         bounds = planning.partition_offsets(acc.numel(), world_size)
@@ -81,7 +93,7 @@ class MiCRO(Sparsifier):
 
     def observe(self, plan, sent, numel, world_size) -> None:
         bounds = planning.partition_offsets(numel, world_size)
-        counts = torch.diff(torch.searchsorted(sent.cpu(), bounds)).tolist()
+        counts = torch.diff(torch.searchsorted(to_host(sent)[0], bounds)).tolist()
         sizes = torch.diff(bounds).tolist()
         k = self.budget(numel)
         new = []
@@ -99,9 +111,9 @@ class MiCRO(Sparsifier):
 
     def load_extra_state(self, state: dict) -> None:
         th = state.get("thresholds")
-        if th is not None and (not isinstance(th, list) or len(th) != self._world_size
-                               or not all(isinstance(x, float) for x in th)):
-            raise ValueError(f"state['extra']['thresholds'] must be None or {self._world_size} floats, got {th!r}")
+        n = None if self.layout is None else self.layout.world_size
+        if th is not None and (not isinstance(th, list) or len(th) != n or not all(isinstance(x, float) for x in th)):
+            raise ValueError(f"state['extra']['thresholds'] must be None or {n} floats, got {th!r}")
         if (state.get("max_scale"), state.get("gain")) != (self.max_scale, self.gain):
             raise ValueError(f"state is for max_scale={state.get('max_scale')!r}, gain={state.get('gain')!r}; "
                              f"this is max_scale={self.max_scale}, gain={self.gain}")

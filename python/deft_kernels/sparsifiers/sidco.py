@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from ..transfer import to_host
 from .base import Sparsifier, indices_at_least
 
 FIRST_STAGE_FITS = ("exponential", "gamma", "gpareto")
@@ -75,7 +76,7 @@ class SIDCo(Sparsifier):
             raise TypeError("values must be a float tensor")
         x = values.detach().abs().float().flatten()
         finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        if not to_host(finite.all())[0].item():
             x = x[finite]
         numel = values.numel()
         target = max(self.density, self.budget(numel) / numel) if numel else self.density
@@ -104,7 +105,8 @@ class SIDCo(Sparsifier):
 
 def _moments(x: torch.Tensor) -> tuple[float, float]:
     var, mean = torch.var_mean(x, correction=0)
-    return float(mean), float(var)
+    mean, var = to_host(torch.stack([mean, var]))[0].tolist()
+    return mean, var
 
 
 def _first_stage(x: torch.Tensor, ratio: float, fit: str) -> float:

@@ -18,6 +18,6 @@ class TopK(Sparsifier):
 
     def top_k_of_all(self, acc: torch.Tensor) -> torch.Tensor:
         """Indices of the ``budget(N)`` largest magnitudes of the whole vector, ascending."""
-        whole = torch.tensor([0, acc.numel()], dtype=torch.int64, device=acc.device)
-        k = torch.tensor([self.budget(acc.numel())], dtype=torch.int64, device=acc.device)
+        whole = torch.tensor([0, acc.numel()], dtype=torch.int64)  # host metadata next to the values
+        k = torch.tensor([self.budget(acc.numel())], dtype=torch.int64)
         return self.kernels.segmented_topk(acc, whole, k)

@@ -1,0 +1,285 @@
+"""The collectives a step asks for, and the three ways they are carried out.
+
+A step program (:mod:`deft_kernels.driver.program`) yields requests and receives their results:
+
+- :class:`AllGather` (a tensor of the same shape on every rank -> the list of every rank's, in rank
+  order), :class:`Broadcast` (-> the source rank's tensor), :class:`AllReduce` (-> the sum);
+- :class:`GatherUnion`: every rank's proposal (counts known to all in advance) -> the sorted union
+  of all proposals and of the indices every rank sends anyway. Over torch.distributed it is one
+  all-gather of the proposals padded to the longest; it is a request of its own so that the
+  simulation computes the union once for all its ranks.
+
+Runners:
+
+- :func:`run_blocking`: one program over torch.distributed, each collective waited for in turn
+  (the plain API, ``Sparsifier.step``).
+- :class:`ExchangeQueue`: programs over torch.distributed, chained on the collectives' futures
+  (``.then``; nothing ever waits inside a callback, which deadlocks on gloo), one program at a time
+  in submission order, so that every rank issues the group's collectives in one total order (the
+  DDP hook). On NCCL a work's future completes when the work is enqueued, so the chain runs inline.
+- :func:`run_lockstep`: ``n`` ranks' programs in one process, advanced together: each rank's local
+  work runs alone (the benchmark times it), each collective's result is computed once and
+  deterministically (sums in rank order). Results are shared between the simulated ranks: a
+  program treats what it receives as read-only, except an all-reduce's sum, which is its own.
+
+Status: the CUDA paths (NCCL, CUDA-aware futures) have not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class AllGather:
+    """Every rank's tensor, one shape and dtype on all -> the list of every rank's, in rank order."""
+
+    tensor: torch.Tensor
+
+
+@dataclass
+class Broadcast:
+    """The source rank's tensor -> on every rank."""
+
+    tensor: torch.Tensor  # the source's data; a buffer of the same shape and dtype elsewhere
+    src: int  # rank in the group
+
+
+@dataclass
+class AllReduce:
+    """Every rank's tensor, one shape and dtype on all -> their sum."""
+
+    tensor: torch.Tensor  # summed in place over torch.distributed
+
+
+@dataclass
+class GatherUnion:
+    """Every rank's proposal (all counts known to every rank) -> the sorted union of the proposals
+    and of ``fixed``."""
+
+    mine: torch.Tensor  # this rank's proposal, int64
+    counts: list[int]  # every rank's proposal count, the same list on every rank
+    fixed: torch.Tensor | None  # indices every rank sends anyway, the same on every rank
+    disjoint: bool  # proposals never overlap: sort instead of deduplicating
+
+
+Request = AllGather | Broadcast | AllReduce | GatherUnion
+Program = Generator[Request, Any, Any]
+
+
+def union(parts: list[torch.Tensor], disjoint: bool, device: torch.device) -> torch.Tensor:
+    """Sorted union of index tensors. Disjoint parts need no deduplication: a sort keeps the result
+    free of a data-dependent size (no host sync on CUDA)."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    every = torch.cat(parts)
+    return torch.sort(every).values if disjoint else torch.unique(every, sorted=True)
+
+
+def _parts(proposals: list[torch.Tensor], request: GatherUnion) -> list[torch.Tensor]:
+    return proposals if request.fixed is None else [*proposals, request.fixed]
+
+
+# ---- torch.distributed ----------------------------------------------------------------------------
+
+
+def _future(value: Any, device: torch.device) -> torch.futures.Future:
+    """A completed future; CUDA-aware on a GPU, so that whoever waits on it waits for the kernels
+    that produced its value."""
+    fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+    fut.set_result(value)
+    return fut
+
+
+class TorchCollectives:
+    """Requests carried out with torch.distributed on ``group`` (``None``: the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def start(self, request: Request) -> torch.futures.Future:
+        """Issue the request's collective; returns a future of its result."""
+        group = self.group
+        if isinstance(request, AllGather):
+            outs = [torch.empty_like(request.tensor) for _ in range(self.world_size)]
+            work = dist.all_gather(outs, request.tensor.contiguous(), group=group, async_op=True)
+            return work.get_future().then(lambda f: (f.value(), outs)[1])
+        if isinstance(request, Broadcast):
+            tensor = request.tensor
+            work = dist.broadcast(tensor, group=group, group_src=request.src, async_op=True)
+            return work.get_future().then(lambda f: (f.value(), tensor)[1])
+        if isinstance(request, AllReduce):
+            tensor = request.tensor
+            work = dist.all_reduce(tensor, group=group, async_op=True)
+            return work.get_future().then(lambda f: (f.value(), tensor)[1])
+        if isinstance(request, GatherUnion):
+            device, counts = request.mine.device, request.counts
+            longest = max(counts)
+            if longest == 0:  # gloo hangs on zero-length collectives; every rank knows the counts
+                return _future(union(_parts([], request), request.disjoint, device), device)
+            padded = request.mine.new_zeros(longest)
+            padded[: request.mine.numel()] = request.mine
+            outs = [torch.empty_like(padded) for _ in range(self.world_size)]
+            work = dist.all_gather(outs, padded, group=group, async_op=True)
+
+            def merge(f):
+                f.value()  # raises the collective's error, if any
+                return union(_parts([o[:c] for o, c in zip(outs, counts)], request), request.disjoint, device)
+
+            return work.get_future().then(merge)
+        raise TypeError(f"not a collective request: {request!r}")
+
+
+def _outcome(fut: torch.futures.Future) -> tuple[Any, BaseException | None]:
+    try:
+        return fut.value(), None
+    except BaseException as e:  # noqa: BLE001 -- handed back into the program
+        return None, e
+
+
+def run_blocking(program: Program, collectives: TorchCollectives) -> Any:
+    """Run one program to its end, waiting for each collective in turn; returns what it returns."""
+    value, error = None, None
+    while True:
+        try:
+            request = program.throw(error) if error is not None else program.send(value)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = collectives.start(request).wait(), None
+        except BaseException as e:  # noqa: BLE001 -- thrown into the program
+            value, error = None, e
+
+
+class ExchangeQueue:
+    """Runs programs one at a time, in submission order, each chained on its collectives' futures.
+
+    ``submit`` returns at once with a future of the program's result. A program's next step runs in
+    the thread that completed its collective (gloo's worker, or inline where the future is already
+    complete), and a finished program starts the next one from there, under a lock: so the group's
+    collectives are issued in one order, the same on every rank, whichever thread issues them.
+    """
+
+    def __init__(self, collectives: TorchCollectives) -> None:
+        self.collectives = collectives
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[Program, torch.futures.Future]] = deque()
+        self._current: tuple[Program, torch.futures.Future] | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def submit(self, program: Program, device: torch.device) -> torch.futures.Future:
+        """Queue ``program``; its future holds what it returns (CUDA-aware on a GPU)."""
+        fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+        with self._lock:
+            self._waiting.append((program, fut))
+            if self._current is not None:
+                return fut
+            self._current = self._waiting.popleft()
+            self._idle.clear()
+        self._advance(None, None)
+        return fut
+
+    def wait_idle(self) -> None:
+        """Block until every submitted program has finished (never call it from a callback)."""
+        self._idle.wait()
+
+    def _resume(self, fut: torch.futures.Future) -> None:
+        self._advance(*_outcome(fut))
+
+    def _advance(self, value: Any, error: BaseException | None) -> None:
+        while True:
+            program, fut = self._current
+            try:
+                request = program.throw(error) if error is not None else program.send(value)
+            except StopIteration as stop:
+                fut.set_result(stop.value)
+            except BaseException as e:  # noqa: BLE001 -- the program's future carries it
+                fut.set_exception(e)
+            else:
+                try:
+                    pending = self.collectives.start(request)
+                except BaseException as e:  # noqa: BLE001 -- thrown into the program
+                    value, error = None, e
+                    continue
+                if pending.done():
+                    value, error = _outcome(pending)
+                    continue
+                pending.then(self._resume)
+                return
+            with self._lock:
+                if not self._waiting:
+                    self._current = None
+                    self._idle.set()
+                    return
+                self._current = self._waiting.popleft()
+            value, error = None, None
+
+
+# ---- n ranks in one process -----------------------------------------------------------------------
+
+
+def _resolve(requests: list[Request]) -> list[Any]:
+    """Every rank's result of one collective that all ranks asked for together."""
+    n = len(requests)
+    first = requests[0]
+    kinds = {type(r).__name__ for r in requests}
+    if len(kinds) > 1:
+        raise RuntimeError(f"simulated ranks fell out of step: they asked for {sorted(kinds)} at once")
+    if isinstance(first, GatherUnion):
+        if any(r.counts != first.counts for r in requests) or \
+                [r.mine.numel() for r in requests] != first.counts:
+            raise RuntimeError(f"simulated ranks disagree on the proposal counts {[r.counts for r in requests]}")
+        device = first.mine.device
+        return [union(_parts([r.mine for r in requests], first), first.disjoint, device)] * n
+    tensors = [r.tensor for r in requests]
+    shapes = {(tuple(t.shape), t.dtype) for t in tensors}
+    if len(shapes) > 1:
+        raise RuntimeError(f"simulated ranks fell out of step: {type(first).__name__} of {sorted(map(str, shapes))}")
+    if isinstance(first, AllGather):
+        return [tensors] * n
+    if isinstance(first, Broadcast):
+        if any(r.src != first.src for r in requests):
+            raise RuntimeError(f"simulated ranks disagree on the broadcast's source {[r.src for r in requests]}")
+        return [tensors[first.src]] * n
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t  # rank order: deterministic
+    return [total] + [total.clone() for _ in range(n - 1)]
+
+
+def run_lockstep(programs: list[Program], finish: Callable[[int, Any], Any] | None = None) -> list[Any]:
+    """Advance ``n`` ranks' programs together until they end; returns what each returned (passed
+    through ``finish(rank, result)`` as soon as that rank ends, so that a caller can drop what it
+    does not keep). Every rank must ask for the same collective at the same point and end at the
+    same point; when ranks raise, the lowest rank's exception is raised."""
+    n = len(programs)
+    values: list[Any] = [None] * n
+    while True:
+        requests, ended, errors = [], {}, {}
+        for rank, program in enumerate(programs):
+            try:
+                requests.append(program.send(values[rank]))
+            except StopIteration as stop:
+                ended[rank] = stop.value if finish is None else finish(rank, stop.value)
+            except Exception as e:  # noqa: BLE001 -- raised below, lowest rank first
+                errors[rank] = e
+        if errors:
+            if len(errors) + len(ended) < n:  # some ranks went on: a bug in the step, not bad input
+                raise RuntimeError(f"simulated ranks {sorted(errors)} raised while others went on") \
+                    from errors[min(errors)]
+            raise errors[min(errors)]
+        if ended:
+            if len(ended) < n:
+                raise RuntimeError(f"simulated ranks {sorted(ended)} ended while others went on")
+            return [ended[rank] for rank in range(n)]
+        values = _resolve(requests)

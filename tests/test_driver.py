@@ -1,0 +1,328 @@
+"""The step driver in one process: ranks simulated in lockstep (deft_kernels.driver.simulate_step /
+run_lockstep), the asynchronous queue on fake collectives, and the contracts docs/exchange.md states:
+the collectives of each sparsifier's step and their order, the plan as one tensor, the failure
+protocol, unused tensors, the numeric rule and the count of host reads per step.
+
+The same programs run over torch.distributed in tests/test_distributed.py, test_hook.py and
+test_exchange_faults.py."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from deft_kernels import driver, reference
+from deft_kernels.driver import AllGather, AllReduce, Broadcast, ExchangeQueue, GatherUnion, run_lockstep, step_program
+from deft_kernels.sparsifiers import SPARSIFIERS, build
+from deft_kernels.transfer import HOST_READS, to_host
+
+SIZES = [300, 40, 500, 7, 1]
+KWARGS = {"threshold": {"threshold": 0.5}}
+
+
+def _build(name: str, density: float = 0.05):
+    return build(name, 1.0 if name == "dense" else density, **KWARGS.get(name, {}))
+
+
+def _grad(rank: int, step: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(1000 * rank + step)).to(dtype)
+
+
+def _ranks(name: str, n: int, density: float = 0.05) -> list:
+    return [_build(name, density) for _ in range(n)]
+
+
+def _watch(program, log: list):
+    """The program, also appending ``(kind, dtype, shape)`` of every request it makes and the host
+    reads of each stretch of its own work."""
+    value = None
+    while True:
+        before = HOST_READS.count
+        try:
+            request = program.send(value)
+        except StopIteration as stop:
+            log.append(("reads", HOST_READS.count - before))
+            return stop.value
+        except Exception:
+            log.append(("reads", HOST_READS.count - before))
+            raise
+        log.append(("reads", HOST_READS.count - before))
+        tensor = request.mine if isinstance(request, GatherUnion) else request.tensor
+        log.append((type(request).__name__, tensor.dtype, tuple(tensor.shape)))
+        value = yield request
+
+
+def _catching(program):
+    """The program, returning the exception it raises instead of raising it."""
+    try:
+        return (yield from program)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def _run(sparsifiers, grads, wrap=None, **kwargs):
+    programs = [step_program(sp, g, sizes=SIZES, rank=r, world_size=len(grads), **kwargs)
+                for r, (sp, g) in enumerate(zip(sparsifiers, grads))]
+    return run_lockstep([p if wrap is None else wrap(r, p) for r, p in enumerate(programs)])
+
+
+# ---- the shape of a step ----
+
+#: The collectives of a step after the first, in order (the first step starts with one more
+#: all-gather: the setup agreement). The value all-reduce is left out when nothing is sent.
+COLLECTIVES = {
+    "deft": ["AllGather", "Broadcast", "GatherUnion", "AllReduce"],
+    "topk": ["AllGather", "GatherUnion", "AllReduce"],
+    "threshold": ["AllGather", "GatherUnion", "AllReduce"],
+    "sidco": ["AllGather", "GatherUnion", "AllReduce"],
+    "micro": ["Broadcast", "AllGather", "GatherUnion", "AllReduce"],
+    "cltk": ["Broadcast", "AllReduce"],
+    "dense": ["AllReduce"],
+}
+
+#: Host reads through transfer.to_host in a step after the first, on the leader and on the other
+#: ranks (MiCRO's leader reads once more while a partition's threshold is not yet positive).
+HOST_READS_PER_STEP = {"deft": (1, 1), "topk": (1, 1), "threshold": (1, 1), "cltk": (1, 1), "dense": (1, 1),
+                       "micro": (2, 3)}
+
+
+def test_every_registered_sparsifier_has_its_collectives_listed():
+    assert set(COLLECTIVES) == set(SPARSIFIERS)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+@pytest.mark.parametrize("n", [1, 3])
+def test_collectives_and_host_reads_per_step(name, n):
+    ranks = _ranks(name, n)
+    for step in range(3):
+        logs = [[] for _ in range(n)]
+        _run(ranks, [_grad(r, step) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+        kinds = [[e[0] for e in log if e[0] != "reads"] for log in logs]
+        reads = [sum(e[1] for e in log if e[0] == "reads") for log in logs]
+        expect = (["AllGather"] if step == 0 else []) + COLLECTIVES[name]
+        assert all(k == expect for k in kinds), (step, kinds)
+        if step >= 1 and name in HOST_READS_PER_STEP:
+            leader, other = HOST_READS_PER_STEP[name]
+            assert reads == [leader if r == step % n else other for r in range(n)], (step, reads)
+        if name == "deft":  # the sync contract: one read per rank, the first step one more (the setup)
+            assert reads == [1 + (step == 0)] * n, (step, reads)
+
+
+def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
+    n = 3
+    ranks = _ranks("deft", n)
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    logs = [[] for _ in range(n)]
+    _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+    fragments = ranks[0].offsets.numel() - 1
+    for log in logs:
+        (broadcast,) = [e for e in log if e[0] == "Broadcast"]
+        assert broadcast == ("Broadcast", torch.int64, (3 * fragments,))
+        (header,) = [e for e in log if e[0] == "AllGather"]
+        assert header == ("AllGather", torch.int64, (2 + len(SIZES),))  # code, count, a flag per tensor
+
+
+@pytest.mark.parametrize("name", ["deft", "micro", "cltk"])
+def test_plan_wire_round_trip(name):
+    n = 4
+    ranks = _ranks(name, n, density=0.2)
+    sp = ranks[0]
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    acc = _grad(0, 5)
+    plan = sp.plan(acc, reference.accumulate_norms(torch.zeros_like(acc), acc.clone(), sp.offsets), sp.offsets, n, 1)
+    length, dtype = sp.plan_wire(acc.numel(), sp.offsets, n)
+    wire = sp.encode_plan(plan)
+    assert wire.shape == (length,) and wire.dtype == dtype
+    back = sp.decode_plan(wire.clone(), sp.offsets, n)
+    if name == "deft":
+        assert plan.common.numel() > 0  # the wire carries the common part too
+        for field in ("sizes", "k", "common", "costs"):
+            assert torch.equal(getattr(back, field), getattr(plan, field)), field
+        assert all(torch.equal(a, b) for a, b in zip(back.bins, plan.bins)) and len(back.bins) == n
+        assert sp.proposal_counts(back, n, 1) == [int(plan.k[plan.fragments_of(r, 1)].sum()) for r in range(n)]
+    else:
+        assert torch.equal(back, plan)
+
+
+# ---- failure protocol ----
+
+BAD = {
+    "longer": lambda g, sizes: (torch.cat([g, g[:9]]), sizes[:-1] + [sizes[-1] + 9]),
+    "fp16": lambda g, sizes: (g.half(), sizes),
+    "2-D": lambda g, sizes: (g[None], sizes),
+    "layout": lambda g, sizes: (g, sizes[::-1]),
+}
+WORDS = {"longer": "length", "fp16": "dtype", "2-D": "flat", "layout": "layout"}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+@pytest.mark.parametrize("how", sorted(BAD))
+@pytest.mark.parametrize("bad_rank", [1, 2])  # at step 1 of 3 ranks: the leader, then not the leader
+def test_one_rank_rejecting_its_input_stops_every_rank_at_the_same_point(name, how, bad_rank):
+    n = 3
+    ranks = _ranks(name, n)
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    residuals = [None if sp.residual is None else sp.residual.clone() for sp in ranks]
+    programs = []
+    for r, sp in enumerate(ranks):
+        g, sizes = _grad(r, 1), list(SIZES)
+        if r == bad_rank:
+            g, sizes = BAD[how](g, sizes)
+        programs.append(_catching(step_program(sp, g, sizes=sizes, rank=r, world_size=n)))
+    errors = run_lockstep(programs)  # raises if the ranks fell out of step
+    for r, e in enumerate(errors):
+        assert isinstance(e, (TypeError, ValueError)), (r, e)
+        if r != bad_rank:
+            assert str(e).startswith(f"another rank rejected its input at step 1 (rank {bad_rank}: "), e
+            assert WORDS[how] in str(e), e
+    for r, sp in enumerate(ranks):
+        assert sp.step_count == 1
+        if r == bad_rank and residuals[r] is not None:
+            assert torch.equal(sp.residual, residuals[r])  # the rank that rejected its input did nothing
+        elif residuals[r] is not None:  # the others keep the step's gradient: nothing lost
+            assert torch.equal(sp.residual, (residuals[r] + _grad(r, 1)))
+    # Still in step: the next step with good input runs on every rank.
+    _run(ranks, [_grad(r, 2) for r in range(n)])
+    assert all(sp.step_count == 2 for sp in ranks)
+
+
+def test_lockstep_refuses_ranks_that_fall_out_of_step():
+    def asks(request):
+        yield request
+
+    def ends():
+        return
+        yield
+
+    t = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="fell out of step"):
+        run_lockstep([asks(AllReduce(t)), asks(AllGather(t))])
+    with pytest.raises(RuntimeError, match="fell out of step"):
+        run_lockstep([asks(AllReduce(t)), asks(AllReduce(torch.zeros(3)))])
+    with pytest.raises(RuntimeError, match="ended while others went on"):
+        run_lockstep([asks(AllReduce(t)), ends()])
+
+
+# ---- unused tensors and the numeric rule ----
+
+
+@pytest.mark.parametrize("name", sorted(set(SPARSIFIERS) - {"dense"}))
+def test_tensors_no_rank_used_keep_their_residual_and_get_no_output(name):
+    n = 3
+    ranks = _ranks(name, n, density=0.3)
+    bounds = [0]
+    for s in SIZES:
+        bounds.append(bounds[-1] + s)
+    for step in range(3):
+        # tensor 2 unused by every rank; tensor 0 unused on rank 1 only (then it counts as used)
+        used = [torch.tensor([r != 1, True, False, True, True]) for r in range(n)]
+        results = run_lockstep([
+            step_program(sp, _grad(r, step), sizes=SIZES, rank=r, world_size=n, used=used[r], keep_accumulated=True)
+            for r, sp in enumerate(ranks)])
+        lo, hi = bounds[2], bounds[3]
+        for r, (sp, res) in enumerate(zip(ranks, results)):
+            assert torch.equal(sp.residual[lo:hi], res.accumulated[lo:hi]), (step, r)
+            assert not bool(res.out[lo:hi].any()), (step, r)
+            sent = torch.zeros_like(res.accumulated, dtype=torch.bool)
+            sent[res.sent] = True
+            sent[lo:hi] = False
+            # everywhere else: sent or kept, as in any step
+            assert torch.equal(res.accumulated, sp.residual + torch.where(sent, res.accumulated, 0)), (step, r)
+    assert any(bool(sp.residual[bounds[2]:bounds[3]].any()) for sp in ranks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["dense", "topk", "deft"])
+def test_every_average_is_the_fp32_sum_divided_by_n_rounded_once(name, dtype):
+    n = 3
+    ranks = _ranks(name, n, density=0.2)
+    grads = [(_grad(r, 0) * 2e4).clamp(-6e4, 6e4).to(dtype) for r in range(n)]
+    results = driver.simulate_step(ranks, grads, sizes=SIZES, keep_accumulated=True)
+    accs = grads if name == "dense" else [res.accumulated for res in results]
+    total = torch.stack([a.float() for a in accs]).sum(0)
+    assert float(total.abs().max()) > 65504  # some sums do not fit in fp16
+    expect = (total / n).to(dtype)
+    for res in results:
+        assert res.out.dtype == dtype and bool(torch.isfinite(res.out).all())
+        where = slice(None) if name == "dense" else res.sent
+        assert torch.equal(res.out[where], expect[where]), name
+
+
+# ---- the asynchronous queue ----
+
+
+class _SlowCollectives:
+    """Fake collectives: each request completes later, on a timer thread (as gloo's worker thread
+    completes a real one). Records the order requests are issued in and that at most one is
+    outstanding at a time."""
+
+    def __init__(self) -> None:
+        self.issued: list[tuple[int, int]] = []
+        self.outstanding = 0
+        self.most_outstanding = 0
+        self.lock = threading.Lock()
+
+    def start(self, request):
+        fut = torch.futures.Future()
+        with self.lock:
+            self.issued.append(tuple(request.tensor.tolist()))
+            self.outstanding += 1
+            self.most_outstanding = max(self.most_outstanding, self.outstanding)
+
+        def complete():
+            with self.lock:
+                self.outstanding -= 1
+            fut.set_result(request.tensor * 10)
+
+        threading.Timer(random.uniform(0.0, 0.01), complete).start()
+        return fut
+
+
+def _program(index: int, requests: int):
+    total = 0
+    for i in range(requests):
+        total += int((yield AllReduce(torch.tensor([index, i])))[1])
+    return index, total
+
+
+def test_exchange_queue_runs_programs_one_at_a_time_in_submission_order():
+    comm = _SlowCollectives()
+    queue = ExchangeQueue(comm)
+    futures = []
+    for index in range(6):
+        futures.append(queue.submit(_program(index, 3), torch.device("cpu")))
+        time.sleep(random.uniform(0.0, 0.005))  # "backward" goes on between the buckets
+    queue.wait_idle()
+    assert [f.wait() for f in futures] == [(i, 30) for i in range(6)]
+    assert comm.issued == [(i, r) for i in range(6) for r in range(3)]
+    assert comm.most_outstanding == 1
+
+
+def test_exchange_queue_hands_a_program_its_error_and_goes_on():
+    comm = _SlowCollectives()
+    queue = ExchangeQueue(comm)
+
+    def failing():
+        yield AllReduce(torch.tensor([7, 0]))
+        raise ValueError("bad bucket")
+
+    first = queue.submit(failing(), torch.device("cpu"))
+    second = queue.submit(_program(8, 2), torch.device("cpu"))
+    queue.wait_idle()
+    with pytest.raises(ValueError, match="bad bucket"):
+        first.wait()
+    assert second.wait() == (8, 10)
+
+
+# ---- transfers ----
+
+
+def test_to_host_counts_one_read_per_call_and_leaves_host_tensors_alone():
+    a, b = torch.arange(3), torch.ones(2, dtype=torch.float16)
+    before = HOST_READS.count
+    out = to_host(a, b)
+    assert HOST_READS.count == before + 1 and out[0] is a and out[1] is b

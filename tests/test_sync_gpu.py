@@ -1,0 +1,45 @@
+"""The sync contract on a GPU: a DEFT step after the first synchronises with the device only inside
+deft_kernels.transfer.to_host, once per rank (docs/exchange.md). Run under
+``torch.cuda.set_sync_debug_mode("error")``, which turns every other synchronising call (a
+``.item()``, a blocking copy, an op whose output size depends on the data) into an error.
+
+Skipped without CUDA. Status: NOT RUN YET (no GPU on the development machines). It needs the ops to
+take host metadata next to CUDA values without synchronising (the ops' side of the contract), and
+counts on tests/test_driver.py's CPU check of the same count to hold the driver's side.
+"""
+
+import pytest
+import torch
+
+from deft_kernels import driver
+from deft_kernels.sparsifiers import DEFT
+from deft_kernels.transfer import HOST_READS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SIZES = [4096, 300, 70000, 9, 1200, 25000]
+
+
+def _grads(n: int, step: int, dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return [torch.randn(sum(SIZES), generator=gen).to(dtype).cuda() for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_deft_step_syncs_once_per_rank_and_only_in_to_host(n, dtype):
+    ranks = [DEFT(0.01) for _ in range(n)]
+    driver.simulate_step(ranks, _grads(n, 0, dtype), sizes=SIZES)  # the first step also agrees on the setup
+    grads = [_grads(n, step, dtype) for step in range(1, 4)]  # uploading them synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step_grads in grads:
+            before = HOST_READS.count
+            results = driver.simulate_step(ranks, step_grads, sizes=SIZES)
+            assert HOST_READS.count - before == n
+            assert all(r.out.is_cuda and r.stats.sent == results[0].stats.sent for r in results)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(sp.residual.is_cuda for sp in ranks)
