@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, GradientSparsifier, deft_hook
 
-from multiproc import gloo_rank, run, spawn  # noqa: F401  (spawn: test modules of other branches import it from here)
+from multiproc import gloo_rank, run
 
 SPAWN_TIMEOUT_S = 240
 WARMUP = 2

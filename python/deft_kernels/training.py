@@ -76,7 +76,7 @@ class GradientSparsifier:
         model_or_params: a module (its parameters that require grad) or an iterable of tensors, in
             the order to lay them end to end. All on one device. Parameters of different dtypes are
             grouped by dtype (in order of first appearance), each group with its own sparsifier and
-            residual and its own budget ``density * group size``; one dtype is one group.
+            residual and its own budget ``max(1, int(density * group size))``; one dtype is one group.
         sparsifier: a name from ``deft_kernels.sparsifiers.SPARSIFIERS`` or a factory
             ``f(density, **sparsifier_kwargs)`` returning a ``Sparsifier``.
         density: fraction of the elements sent per step, in (0, 1].

@@ -544,7 +544,7 @@ def run(args: argparse.Namespace) -> dict:
         threshold = calibrated_threshold(work.grads[0], args.density)
     config = {
         "model": args.model, "numel": work.numel, "tensors": len(work.layout), "density": args.density,
-        "budget": int(args.density * work.numel), "workers": args.workers, "sparsifiers": args.sparsifiers,
+        "budget": planning.budget(args.density, work.numel), "workers": args.workers, "sparsifiers": args.sparsifiers,
         "repeats": args.repeats, "warmup": args.warmup, "device": args.device,
         "device_name": machine["gpu"] or machine["cpu_model"], "seed": args.seed, "threads": args.threads,
         "distinct_gradients": args.distinct_gradients, "train_steps": args.train_steps,
