@@ -73,3 +73,22 @@ def test_density_outside_the_unit_interval_is_an_error(density):
 def test_unknown_sparsifier_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="name must be one of"):
         build("nope", 0.1)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+def test_simulation_runs_every_op_from_the_reference(seed, name, monkeypatch):
+    # simulate() is the oracle of the multi-process tests: every op a sparsifier's step calls must be
+    # the plain-PyTorch reference there, not the C++ kernel it is checking (the threshold
+    # sparsifiers once took threshold_select from the C++ ops whatever kernels they were given).
+    from deft_kernels import ops
+    from deft_kernels.simulate import simulate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation called a C++/CUDA op")
+
+    for op in ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack"):
+        monkeypatch.setattr(torch.ops.deft_kernels, op, refuse, raising=False)
+        monkeypatch.setattr(ops, op, refuse)
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[torch.randn(300, generator=gen) for _ in range(3)] for _ in range(2)]
+    assert len(simulate(name, 0.1, grads, sizes=[200, 100], **KWARGS.get(name, {}))) == 3

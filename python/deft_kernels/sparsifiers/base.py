@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 #: valid by construction. Same names and signatures as :mod:`deft_kernels.reference`.
 FAST_KERNELS = types.SimpleNamespace(**{
     name: functools.partial(getattr(ops, name), validate=False)
-    for name in ("accumulate_norms", "segmented_topk", "sparse_pack", "sparse_unpack")})
+    for name in ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack")})
 
 
 @dataclass
@@ -233,14 +233,16 @@ class Sparsifier:
         self.load_extra_state(state["extra"])
 
 
-def indices_at_least(acc: torch.Tensor, threshold: float, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def indices_at_least(acc: torch.Tensor, threshold: float, lo: int = 0, hi: int | None = None, *,
+                     kernels: Any = FAST_KERNELS) -> torch.Tensor:
     """Sorted int64 indices ``i`` in ``[lo, hi)`` with ``|acc[i]| >= threshold``, the threshold
     selection of HardThreshold, SIDCo and MiCRO. Zeros are never selected (sending them changes
     nothing) and NaNs always are (the package's NaN policy: a NaN reaches the averaged gradient).
 
-    One pass of ``ops.threshold_select`` over ``acc[lo:hi]`` as one segment, compared in fp32 with
+    One pass of ``threshold_select`` from ``kernels`` (a sparsifier passes its own, so the simulation's
+    reference ops serve here too) over ``acc[lo:hi]`` as one segment, compared in fp32 with
     ``threshold`` rounded to fp32 (a NaN threshold selects only the NaNs). The metadata is built on
     the CPU, so CUDA values cost no synchronisation beyond the output size."""
     part = acc[lo:hi]
-    return ops.threshold_select(part, torch.tensor([0, part.numel()]), torch.tensor([threshold], dtype=torch.float32),
-                                index_base=lo, validate=False)
+    return kernels.threshold_select(part, torch.tensor([0, part.numel()]),
+                                    torch.tensor([threshold], dtype=torch.float32), index_base=lo)

@@ -89,7 +89,7 @@ class MiCRO(Sparsifier):
         lo, hi = int(bounds[p]), int(bounds[p + 1])
         if self.budget(acc.numel()) >= acc.numel():  # d = 1: the whole partition, zeros included
             return torch.arange(lo, hi, dtype=torch.int64, device=acc.device)
-        return indices_at_least(acc, float(plan[p]), lo, hi)
+        return indices_at_least(acc, float(plan[p]), lo, hi, kernels=self.kernels)
 
     def observe(self, plan, sent, numel, world_size) -> None:
         bounds = planning.partition_offsets(numel, world_size)

@@ -66,7 +66,7 @@ class SIDCo(Sparsifier):
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
         if self.budget(acc.numel()) >= acc.numel():  # d = 1: everything, zeros included, as Dense
             return torch.arange(acc.numel(), dtype=torch.int64, device=acc.device)
-        return indices_at_least(acc, self.estimate_threshold(acc))
+        return indices_at_least(acc, self.estimate_threshold(acc), kernels=self.kernels)
 
     def estimate_threshold(self, values: torch.Tensor) -> float:
         """The threshold ``eta`` such that about ``density * len(values)`` of ``|values|`` reach it,

@@ -27,7 +27,7 @@ class HardThreshold(Sparsifier):
         self.threshold = float(threshold)
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
-        return indices_at_least(acc, self.threshold)
+        return indices_at_least(acc, self.threshold, kernels=self.kernels)
 
     def extra_state(self) -> dict:
         return {"threshold": self.threshold}
