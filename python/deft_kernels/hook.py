@@ -65,6 +65,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
                            check_sparsifier_spec, make_sparsifier, world)
 from .driver import ExchangeQueue, StepResult, TorchCollectives, mean_program, run_blocking, step_program
+from .driver.collectives import future_on
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["DeftState", "deft_hook"]
@@ -232,7 +233,6 @@ class DeftState:
                 self.last_stats[index] = result.stats
             return result.out
 
-        self._comm()
         return self._queue.submit(program, buffer.device).then(output)
 
     def _dense_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -328,7 +328,7 @@ def deft_hook(state: DeftState, bucket: dist.GradBucket,
         if state._mode == "sparse":
             return state._sparse_bucket(bucket)
         positions, sizes = state._layout(bucket)
-        fut = torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
+        fut = future_on(buffer.device)
         state._pending.append((positions, sizes, buffer, fut))
         if bucket.is_last():
             state._regroup()

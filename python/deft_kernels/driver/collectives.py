@@ -90,10 +90,15 @@ def _parts(proposals: list[torch.Tensor], request: GatherUnion) -> list[torch.Te
 # ---- torch.distributed ----------------------------------------------------------------------------
 
 
+def future_on(device: torch.device) -> torch.futures.Future:
+    """A new future, CUDA-aware on a GPU, so that whoever waits on it waits for the kernels that
+    produced its value."""
+    return torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+
+
 def _future(value: Any, device: torch.device) -> torch.futures.Future:
-    """A completed future; CUDA-aware on a GPU, so that whoever waits on it waits for the kernels
-    that produced its value."""
-    fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+    """A completed :func:`future_on` ``device``."""
+    fut = future_on(device)
     fut.set_result(value)
     return fut
 
@@ -179,7 +184,7 @@ class ExchangeQueue:
 
     def submit(self, program: Program, device: torch.device) -> torch.futures.Future:
         """Queue ``program``; its future holds what it returns (CUDA-aware on a GPU)."""
-        fut = torch.futures.Future(devices=[device] if device.type == "cuda" else None)
+        fut = future_on(device)
         with self._lock:
             self._waiting.append((program, fut))
             if self._current is not None:

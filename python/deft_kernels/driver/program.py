@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from ..planning import offsets_of
 from ..sparsifiers.base import Layout, Sparsifier, StepStats
 from ..transfer import to_device, to_host
 from .collectives import AllGather, AllReduce, Broadcast, GatherUnion, Program
@@ -190,9 +191,7 @@ class _Header:
 
     def unused_ranges(self, layout: Layout) -> list[tuple[int, int]]:
         """Element ranges of the non-empty tensors no rank used."""
-        bounds = [0]
-        for s in layout.sizes:
-            bounds.append(bounds[-1] + s)
+        bounds = offsets_of(layout.sizes)
         return [(bounds[i], bounds[i + 1]) for i, u in enumerate(self.used) if not u and layout.sizes[i]]
 
 

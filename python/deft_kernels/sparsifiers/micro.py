@@ -68,8 +68,8 @@ class MiCRO(Sparsifier):
             means = []
             for p in fresh:
                 part = acc[bounds[p]:bounds[p + 1]].float().abs()
-                part = part[torch.isfinite(part)]
-                means.append(part.mean() if part.numel() else part.new_zeros(()))
+                finite = torch.isfinite(part)  # a mask, not boolean indexing: no size read back on CUDA
+                means.append(torch.where(finite, part, 0).sum() / finite.sum().clamp(min=1))
             for p, mean in zip(fresh, to_host(torch.stack(means))[0].tolist()):
                 current[p] = mean * math.log(1.0 / self.density)
         return torch.tensor(current, dtype=torch.float64)
