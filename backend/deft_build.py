@@ -15,17 +15,15 @@ import os
 import subprocess
 import sys
 
+COMMAND = ("    pip install scikit-build-core pybind11 ninja\n"
+           "    pip install --no-build-isolation .")
+
 try:
     import scikit_build_core.build as _skbuild
 except ImportError as e:
-    raise ImportError("deft_kernels builds with scikit-build-core, which this environment lacks; run\n"
-                      "    pip install scikit-build-core pybind11 ninja\n"
-                      "    pip install --no-build-isolation .") from e
+    raise ImportError(f"deft_kernels builds with scikit-build-core, which this environment lacks; run\n{COMMAND}") from e
 
 from scikit_build_core.build import build_sdist, get_requires_for_build_sdist  # noqa: F401  (no torch needed)
-
-COMMAND = ("    pip install scikit-build-core pybind11 ninja\n"
-           "    pip install --no-build-isolation .")
 
 # Where `import torch` leads in the interpreter's own environment: `-I` ignores PYTHONPATH, through
 # which pip's isolated build environment replaces that environment's site-packages.

@@ -139,11 +139,11 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench, wit
     from common import (accumulate_norms_torch, indices_at_least_torch, local_k, normal_threshold,
                         sparse_unpack_torch, topk_per_fragment, topk_whole)
 
-    from deft_kernels import ops, reference
+    from deft_kernels import ops, planning, reference
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     n = sum(sizes)
-    offsets = torch.tensor([0] + sizes).cumsum(0)  # CPU metadata: the sync-free way
+    offsets = torch.tensor(planning.offsets_of(sizes))  # CPU metadata: the sync-free way
     offsets_dev = offsets.cuda()
     k_list = local_k(sizes, density)
     k = torch.tensor(k_list)

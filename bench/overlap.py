@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_ranks(args, tmp)
     summary = summarize(ranks)
+    load_end = os.getloadavg()[0]
     command = "python bench/overlap.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     params = sum(q.numel() for q in _model(args.width, args.layers).parameters())
     lines = [f"{command}",
              f"{args.ranks} gloo ranks x {args.threads} thread(s), {cores} cores, load average {load_start:.2f} -> "
-             f"{os.getloadavg()[0]:.2f}; MLP {args.layers} x {args.width}^2 ({params:,} parameters, "
+             f"{load_end:.2f}; MLP {args.layers} x {args.width}^2 ({params:,} parameters, "
              f"{summary['buckets']} DDP buckets), batch {args.batch}, {args.sparsifier} at d = {args.density:g}; "
              f"median over {args.iters} iterations of the slowest rank",
              "",
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(f"{stem}.txt").write_text(text)
     Path(f"{stem}.json").write_text(json.dumps({
         "command": command, "config": vars(args), "parameters": params,
-        "machine": machine | {"load_average_end": os.getloadavg()[0]}, "summary": summary, "ranks": ranks},
+        "machine": machine | {"load_average_end": load_end}, "summary": summary, "ranks": ranks},
         indent=1) + "\n")
     print(f"wrote {stem}.txt, {stem}.json")
     return 0

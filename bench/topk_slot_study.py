@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet50", choices=models.names())
     p.add_argument("--quotas", nargs="+", type=int, default=[2, 3, 4])
     args = p.parse_args(argv)
-    module, loss_fn = getattr(models, args.model)()
+    module, loss_fn = models.build(args.model)
     grads, layout = models.real_gradients(module, loss_fn, count=2, train_steps=2)
     sizes = [n for _, n in layout]
     print(f"{args.model}: {len(sizes)} tensors, {sum(sizes):,} values")

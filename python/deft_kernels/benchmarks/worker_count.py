@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker counts n to simulate")
     p.add_argument("--sparsifiers", nargs="+", default=["all"],
                    help=f"sparsifiers to measure, or 'all' ({', '.join(benchable())})")
-    p.add_argument("--density", type=_density, default=0.01, help="requested density d (k = int(d * N))")
+    p.add_argument("--density", type=_density, default=0.01, help="requested density d (k = max(1, int(d * N)))")
     p.add_argument("--repeats", type=_positive_int, default=3, help="measured steps per (sparsifier, n); medians reported")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="unmeasured steps first per (sparsifier, n)")
     p.add_argument("--device", default="cpu", help="device the selection runs on (cpu, cuda, cuda:1, ...)")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of one simulated worker (torch.set_num_threads); 1 = a core per worker")
     p.add_argument("--distinct-gradients", type=_positive_int, default=8,
                    help="real gradients from distinct batches; worker r holds gradient r mod this "
-                        "(memory: 2 x this x N floats)")
+                        "(memory: (this + n) x N floats: the gradients and one residual per simulated rank)")
     p.add_argument("--train-steps", type=_non_negative_int, default=2,
                    help="SGD steps on the model before its gradients are taken")
     p.add_argument("--threshold", type=_positive_float, default=None,
@@ -298,14 +298,12 @@ def model_imbalance(plan: Any) -> float | None:
 
 
 def calibrated_threshold(grad: torch.Tensor, density: float) -> float:
-    """A HardThreshold lambda for which one worker's first step would send ``k = int(d * N)``
-    elements: the k-th largest ``|g|``. Fixed afterwards, as the algorithm prescribes, so the density
-    it reaches drifts with the residual and with ``n``."""
+    """A HardThreshold lambda for which one worker's first step would send the budget
+    ``k = planning.budget(d, N)`` elements: the k-th largest ``|g|``. Fixed afterwards, as the
+    algorithm prescribes, so the density it reaches drifts with the residual and with ``n``."""
     if not isinstance(grad, torch.Tensor) or not grad.is_floating_point() or grad.numel() == 0:
         raise ValueError("grad must be a non-empty float tensor")
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise ValueError(f"density must lie in (0, 1], got {density!r}")
-    k = max(1, int(density * grad.numel()))
+    k = planning.budget(density, grad.numel())
     return float(torch.topk(grad.abs().float().flatten(), k, sorted=False).values.min())
 
 
@@ -577,7 +575,7 @@ def run(args: argparse.Namespace) -> dict:
     stem = Path(args.out) / output_stem(args.model, args.device, args.clock)
     written = [f"{stem}.txt", f"{stem}.json"]
     Path(written[0]).write_text(table)
-    Path(written[1]).write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    Path(written[1]).write_text(json.dumps(doc, indent=1) + "\n")
     if not args.no_plot:
         try:
             plot(results, config, Path(f"{stem}.png"))
@@ -587,12 +585,6 @@ def run(args: argparse.Namespace) -> dict:
                   file=sys.stderr)
     print(f"wrote {', '.join(written)}")
     return doc
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
 def main(argv: list[str] | None = None) -> int:
