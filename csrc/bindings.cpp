@@ -64,12 +64,7 @@ at::Tensor segmented_topk_cpu(const at::Tensor& values, const at::Tensor& offset
   check_offsets(offsets, values.numel());
   check_index_vector(k, "k");
   const int64_t num_frags = offsets.numel() - 1;
-  TORCH_CHECK(k.numel() == num_frags, "k must have one entry per fragment (", num_frags, "), got ", k.numel());
-  const int64_t* o = offsets.const_data_ptr<int64_t>();
-  const int64_t* kk = k.const_data_ptr<int64_t>();
-  for (int64_t f = 0; f < num_frags; ++f)
-    TORCH_CHECK(kk[f] >= 0 && kk[f] <= o[f + 1] - o[f], "k[", f, "] = ", kk[f], " must lie in [0, ",
-                o[f + 1] - o[f], "] (the size of fragment ", f, ")");
+  check_k_data(offsets.const_data_ptr<int64_t>(), num_frags, k.const_data_ptr<int64_t>(), k.numel());
   check_ids(fragments, "fragments", "fragment", num_frags);
   TORCH_CHECK(index_base >= 0, "index_base must be non-negative, got ", index_base);
   return cpu::segmented_topk(values, offsets, k, fragments, index_base);

@@ -1,6 +1,6 @@
 // Checks of the small host-side index metadata (offsets, fragment and segment ids) that memory
 // safety needs before a kernel indexes with it, shared by the CPU bindings (bindings.cpp) and the
-// CUDA glue (csrc/cuda/*_glue.cpp). Raw pointers to host memory; the messages name the argument.
+// CUDA glue (csrc/cuda/ops_cuda.cpp, csrc/cuda/threshold_select_glue.cpp). Raw pointers to host memory; the messages name the argument.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -17,6 +17,15 @@ inline void check_offsets_data(const int64_t* o, int64_t m, int64_t n) {
   for (int64_t i = 1; i < m; ++i)
     TORCH_CHECK(o[i] >= o[i - 1], "offsets must be non-decreasing, but offsets[", i, "] = ", o[i],
                 " < offsets[", i - 1, "] = ", o[i - 1]);
+}
+
+// k[0, F) against the F fragments of offsets o[0, F] (already checked): one entry per fragment,
+// each in [0, the fragment's size]. `k_count` is k's length.
+inline void check_k_data(const int64_t* o, int64_t num_frags, const int64_t* k, int64_t k_count) {
+  TORCH_CHECK(k_count == num_frags, "k must have one entry per fragment (", num_frags, "), got ", k_count);
+  for (int64_t f = 0; f < num_frags; ++f)
+    TORCH_CHECK(k[f] >= 0 && k[f] <= o[f + 1] - o[f], "k[", f, "] = ", k[f], " must lie in [0, ", o[f + 1] - o[f],
+                "] (the size of fragment ", f, ")");
 }
 
 // ids[0, m), the argument `name`, each the id of one of `count` things of `kind` (fragment, segment).

@@ -42,11 +42,8 @@ at::Tensor segmented_topk_cuda(const at::Tensor& values, const at::Tensor& offse
   const int64_t* o = off.const_data_ptr<int64_t>();
   check_offsets_data(o, off.numel(), n);
   const int64_t num_frags = off.numel() - 1;
-  TORCH_CHECK(kk.numel() == num_frags, "k must have one entry per fragment (", num_frags, "), got ", kk.numel());
   const int64_t* kp = kk.const_data_ptr<int64_t>();
-  for (int64_t f = 0; f < num_frags; ++f)
-    TORCH_CHECK(kp[f] >= 0 && kp[f] <= o[f + 1] - o[f], "k[", f, "] = ", kp[f], " must lie in [0, ", o[f + 1] - o[f],
-                "] (the size of fragment ", f, ")");
+  check_k_data(o, num_frags, kp, kk.numel());
   at::Tensor fr;
   cuda::FragmentList listed = cuda::all_fragments(num_frags);
   if (fragments.has_value()) {

@@ -145,7 +145,7 @@ struct WorkView {
 
 // A tile of a large segment: its segment, rank in it, first vector and element range.
 struct Tile {
-  int64_t t, seg, rank, tiles, vec0, begin, end;
+  int64_t seg, rank, tiles, vec0, begin, end;
   int64_t first_index;  // index of position 0 of the tile (may lie before `begin`)
   int64_t slot;         // first entry of its slot
   int64_t cap;
@@ -155,7 +155,6 @@ template <class KT>
 __device__ __forceinline__ Tile tile_of(const Input& in, const PlanView& p, int64_t t) {
   const int64_t lo = p.tile_seg[t];
   Tile tl;
-  tl.t = t;
   tl.seg = lo;
   tl.rank = t - p.lg_tile_first[lo];
   tl.tiles = p.lg_tile_first[lo + 1] - p.lg_tile_first[lo];

@@ -91,6 +91,14 @@ def _check_offsets(offsets, n: int, validate: bool) -> None:
         raise ValueError(f"offsets must be non-decreasing, but offsets[{bad}] < offsets[{bad - 1}]")
 
 
+def _check_ids(name: str, kind: str, ids: torch.Tensor | None, count: int) -> None:
+    """Fragment or segment ids (``kind``) in ``[0, count)``, read on the host."""
+    if ids is not None and ids.numel() > 0:
+        lo, hi = torch.aminmax(_host(ids))
+        if lo.item() < 0 or hi.item() >= count:
+            raise ValueError(f"{name} must hold {kind} ids in [0, {count}), got values in [{lo.item()}, {hi.item()}]")
+
+
 def _check_indices(indices, n: int, validate: bool) -> None:
     _check_tensor("indices", indices, dtypes=(torch.int64,))
     if validate and indices.numel() > 0:
@@ -135,11 +143,7 @@ def _check_segmented_topk_args(values, offsets, k, fragments, index_base, valida
         if bool(bad.any()):
             f = int(torch.nonzero(bad)[0])
             raise ValueError(f"k[{f}] = {int(k[f])} must lie in [0, {int(sizes[f])}] (the size of fragment {f})")
-        if fragments is not None and fragments.numel() > 0:
-            lo, hi = torch.aminmax(_host(fragments))
-            if lo.item() < 0 or hi.item() >= num_frags:
-                raise ValueError(f"fragments must hold fragment ids in [0, {num_frags}), "
-                                 f"got values in [{lo.item()}, {hi.item()}]")
+        _check_ids("fragments", "fragment", fragments, num_frags)
 
 
 def _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate: bool) -> None:
@@ -155,15 +159,11 @@ def _check_threshold_select_args(values, offsets, thresholds, segments, index_ba
     if not isinstance(index_base, int) or index_base < 0:
         raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
     if validate:
-        nan = torch.isnan(thresholds)
+        nan = torch.isnan(_host(thresholds))
         if bool(nan.any()):
             raise ValueError(f"thresholds[{int(torch.nonzero(nan)[0])}] is NaN; a threshold must be a number "
                              "(+inf selects only infinities and NaNs, 0 every non-zero element)")
-        if segments is not None and segments.numel() > 0:
-            lo, hi = torch.aminmax(segments)
-            if lo.item() < 0 or hi.item() >= num_segs:
-                raise ValueError(f"segments must hold segment ids in [0, {num_segs}), "
-                                 f"got values in [{lo.item()}, {hi.item()}]")
+        _check_ids("segments", "segment", segments, num_segs)
 
 
 def _check_sparse_pack_args(values, indices, validate: bool) -> None:

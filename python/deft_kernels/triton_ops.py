@@ -32,7 +32,7 @@ Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernel
 
 Host metadata as in :mod:`deft_kernels.ops`: ``offsets``, ``k`` and ``fragments`` may be CPU
 tensors next to CUDA values; what the kernels need of them is built on the host and uploaded once,
-non-blocking from pinned memory, and nothing is copied back.
+non-blocking from pinned memory, and nothing is copied back but ``threshold_select``'s output size.
 
 Every function here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the test suite runs
 them on machines without a GPU). The first GPU run (commit 8af8162) ran them on an H200.
@@ -52,7 +52,7 @@ import triton.language as tl
 from . import ops as _ops
 
 __all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack",
-           "register_cuda_impls", "REGISTERED"]
+           "register_cuda_impls"]
 
 # Bits of the magnitude key as a signed integer of the dtype's width, and the radix digits
 # (shift, width) from the top. The top digit is histogrammed over the most elements, so it is widest.
@@ -309,8 +309,8 @@ def _host_layout(offsets, n: int, ids, ids_name: str):
 
 
 def _topk_plan(values, offsets, k, fragments):
-    """Host copies of the small arrays: checked, then turned into segments (listed fragments with
-    k > 0) and tiles. Returns None when nothing is selected."""
+    """Host copies of the small arrays, checked: the offsets, and the segments (listed fragments with
+    k > 0) with their k and output offsets, and the total output size."""
     off, sizes, frag = _host_layout(offsets, values.numel(), fragments, "fragments")
     kk = k.cpu()
     num_frags = off.numel() - 1
@@ -321,17 +321,16 @@ def _topk_plan(values, offsets, k, fragments):
     total = int(seg_k.sum())
     live = seg_k > 0
     frag, seg_k, seg_out = frag[live], seg_k[live], seg_out[live]
-    return frag, seg_k, seg_out, total
+    return off, frag, seg_k, seg_out, total
 
 
 def _segmented_topk(values, offsets, k, fragments=None, index_base: int = 0, block: int = TOPK_BLOCK):
     device = values.device
-    frag, seg_k, seg_out, total = _topk_plan(values, offsets, k, fragments)
+    off, frag, seg_k, seg_out, total = _topk_plan(values, offsets, k, fragments)
     out = torch.empty(total, dtype=torch.int64, device=device)
     num_segs = frag.numel()
     if num_segs == 0:
         return out
-    off = offsets.cpu()
     seg_begin, seg_end = off[frag], off[frag + 1]
     tile_seg, seg_first_tile, tile_begin = _tiles(seg_begin, seg_end, block)
     num_tiles = tile_seg.numel()
@@ -440,8 +439,7 @@ def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: to
 
 # ---------------------------------------------------------------------------------------------
 # Registration: deft_kernels.ops registers these functions as the CUDA implementation of the ops
-# the extension has no CUDA kernel for (at import, lazily). The names below are that list and that
-# (idempotent) registration.
+# the extension has no CUDA kernel for (at import, lazily; the list is ops.TRITON_FALLBACK). The
+# name below is that (idempotent) registration.
 
-REGISTERED = _ops.TRITON_FALLBACK
 register_cuda_impls = _ops._register_triton_fallbacks
