@@ -8,6 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from op_cases import BACKENDS  # noqa: E402  (imports nothing of deft_kernels)
+
 
 @pytest.fixture
 def seed(request):
@@ -19,7 +21,7 @@ def seed(request):
     return value
 
 
-@pytest.fixture(params=["cpu", "triton", "cuda"])
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     """The backend an op test runs on (see tests/op_cases.py); skipped where it is unavailable."""
     from op_cases import make_backend

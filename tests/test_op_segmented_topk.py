@@ -4,7 +4,7 @@ compared exactly."""
 import pytest
 import torch
 
-from deft_kernels import ops, reference
+from deft_kernels import reference
 from op_cases import (DTYPES, TOPK_LAYOUTS, BadInputs, assert_rejected, assert_unvalidated_rejected, cpu_or_none,
                       large_values, layout, make_values, offsets_for, random_k, table_ids)
 
@@ -247,11 +247,3 @@ def test_opcheck(seed, backend, dtype):
     k = backend.tensor([0, 10, 3, 20])
     torch.library.opcheck(torch.ops.deft_kernels.segmented_topk.default,
                           (x, backend.offsets(sizes), k, backend.tensor([3, 1]), 5))
-
-
-def test_segmented_topk_has_a_cuda_kernel():
-    # Without the CUDA extension the Triton kernel is registered for CUDA (registration is idempotent).
-    tk = pytest.importorskip("deft_kernels.triton_ops")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("deft_kernels::segmented_topk", "CUDA")
-    assert tk.register_cuda_impls() == []
-    print("Triton serves:", ops.TRITON_FALLBACK, "(the rest: the CUDA extension)")
