@@ -3,9 +3,9 @@ deft_kernels.transfer.to_host, once per rank (docs/exchange.md). Run under
 ``torch.cuda.set_sync_debug_mode("error")``, which turns every other synchronising call (a
 ``.item()``, a blocking copy, an op whose output size depends on the data) into an error.
 
-Skipped without CUDA. Status: NOT RUN YET (no GPU on the development machines). It needs the ops to
-take host metadata next to CUDA values without synchronising (the ops' side of the contract), and
-counts on tests/test_driver.py's CPU check of the same count to hold the driver's side.
+Skipped without CUDA. Status: NOT RUN YET (no GPU on the development machines). The ops' side of
+the contract (host metadata next to CUDA values) is tests/test_host_metadata.py's and
+tests/test_gpu_sync_free.py's; tests/test_driver.py checks the same count of reads on the CPU.
 """
 
 import pytest

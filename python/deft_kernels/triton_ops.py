@@ -4,7 +4,7 @@ Where the extension was built with CUDA, ``segmented_topk``, ``accumulate_norms`
 ``threshold_select`` run its CUDA kernels and only ``sparse_pack``/``sparse_unpack`` come from here.
 The Triton top-k is kept for builds without CUDA and as a simple cross-check; it is not a DEFT result
 and the GPU benchmark reports it as "Triton fallback": on an H200 (first GPU run, commit 8af8162) it
-was 4-7x slower than the CUDA kernel of that time and slower than one ``torch.topk`` over the whole
+was several times slower than the CUDA kernel of that time and slower than one ``torch.topk`` over the whole
 vector. :mod:`deft_kernels.ops` registers these functions lazily (this module, and triton, are
 imported on the first CUDA call that needs them).
 
