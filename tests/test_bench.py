@@ -238,7 +238,7 @@ def test_console_script_is_declared():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "deft-bench"]
-    assert ep.value == "deft_kernels.benchmarks.worker_count:main"
+    assert ep.value == "deft_kernels.benchmarks.cli:main"
 
 
 def test_micro_benchmarks_run_from_bench_not_from_tests():
@@ -256,3 +256,14 @@ def test_micro_benchmarks_run_from_bench_not_from_tests():
     assert collected.returncode == 0, collected.stdout + collected.stderr
     assert "bench/test_bench_ops.py::test_segmented_topk_deft[cpu]" in collected.stdout
     assert "bench/test_bench_ops.py::test_segmented_topk_deft[cuda]" in collected.stdout  # skipped without CUDA
+
+
+def test_cli_default_mode_is_worker_count(capsys):
+    """`deft-bench [options]` with no mode name is the worker-count benchmark; a mode is imported only
+    when named."""
+    from deft_kernels.benchmarks import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--workers" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 
 import sys
 
-from .benchmarks.worker_count import main
+from .benchmarks.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

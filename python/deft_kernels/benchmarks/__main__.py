@@ -1,5 +1,5 @@
 import sys
 
-from .worker_count import main
+from .cli import main
 
 sys.exit(main())
