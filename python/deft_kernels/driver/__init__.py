@@ -7,7 +7,10 @@ unused tensors, the numeric rule and the sync contract) that yields collective r
 (:mod:`~deft_kernels.driver.collectives`); what carries them out is chosen by the caller:
 
 - :func:`step`: one worker's step over ``torch.distributed`` (gloo or NCCL), blocking; without an
-  initialised process group, a world of one. ``Sparsifier.step`` and ``GradientSparsifier`` use it.
+  initialised process group, a world of one. ``GradientSparsifier`` uses it.
+
+The layers point one way: :mod:`deft_kernels.sparsifiers` (the algorithms) import no driver; the
+driver imports them; the hook and ``GradientSparsifier`` import the driver (tests/test_layers.py).
 - :class:`ExchangeQueue`: steps chained on the collectives' futures, one at a time in submission
   order; the DDP hook (:mod:`deft_kernels.hook`) uses it, so the exchange overlaps the rest of
   backward.
@@ -27,13 +30,13 @@ import torch
 import torch.distributed as dist
 
 from ..sparsifiers.base import Sparsifier, StepStats
-from .collectives import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherUnion, TorchCollectives,
+from .collectives import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, TorchCollectives,
                           run_blocking, run_lockstep)
-from .program import CAUSES, Laps, StepResult, mean_of_sum, mean_program, step_program
+from .program import CAUSES, Laps, StepResult, mean_of_sum, mean_program, step_program, undo
 
-__all__ = ["step", "mean", "simulate_step", "step_program", "mean_program", "StepResult", "Laps", "CAUSES",
+__all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "undo", "StepResult", "Laps", "CAUSES",
            "ExchangeQueue", "TorchCollectives", "run_blocking", "run_lockstep", "mean_of_sum",
-           "AllGather", "AllReduce", "Broadcast", "GatherUnion"]
+           "AllGather", "AllReduce", "Broadcast", "GatherProposals"]
 
 
 def collectives_for(group: dist.ProcessGroup | None, tensor: Any) -> TorchCollectives | None:
@@ -58,7 +61,8 @@ def _run(make_program: Callable[[int, int], Any], group, tensor) -> Any:
 
 
 def step(sparsifier: Sparsifier, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
-         group: dist.ProcessGroup | None = None, laps: Laps | None = None) -> tuple[torch.Tensor, StepStats]:
+         group: dist.ProcessGroup | None = None, laps: Laps | None = None,
+         loss_scale: float | None = None) -> tuple[torch.Tensor, StepStats]:
     """One step on this worker: error feedback, plan, selection and exchange.
 
     ``grad`` is this worker's local flat 1-D gradient (fp32/bf16/fp16), not divided by the world
@@ -68,11 +72,19 @@ def step(sparsifier: Sparsifier, grad: torch.Tensor, *, sizes: Sequence[int] | N
     no communication). Returns a new tensor like ``grad``, zero except at the global index set,
     where it holds the mean over workers of their accumulated gradient ``a``, and the step's
     :class:`StepStats`, timed by ``laps`` (default: the host clock on CPU tensors, untimed on CUDA).
-    The residual keeps ``a`` minus what was sent.
+    The residual keeps ``a`` minus what was sent. ``loss_scale``: the factor ``grad`` carries (see
+    :func:`step_program`; ``GradientSparsifier(grad_scaler=...)`` passes it).
     """
-    result = _run(lambda rank, n: step_program(sparsifier, grad, sizes=sizes, rank=rank, world_size=n, laps=laps),
-                  group, grad)
+    result = run_step(sparsifier, grad, sizes=sizes, group=group, laps=laps, loss_scale=loss_scale)
     return result.out, result.stats
+
+
+def run_step(sparsifier: Sparsifier, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
+             group: dist.ProcessGroup | None = None, laps: Laps | None = None,
+             loss_scale: float | None = None) -> StepResult:
+    """:func:`step`, returning the whole :class:`StepResult` (``skipped`` among it)."""
+    return _run(lambda rank, n: step_program(sparsifier, grad, sizes=sizes, rank=rank, world_size=n, laps=laps,
+                                             loss_scale=loss_scale), group, grad)
 
 
 def mean(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

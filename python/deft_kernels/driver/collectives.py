@@ -4,10 +4,10 @@ A step program (:mod:`deft_kernels.driver.program`) yields requests and receives
 
 - :class:`AllGather` (a tensor of the same shape on every rank -> the list of every rank's, in rank
   order), :class:`Broadcast` (-> the source rank's tensor), :class:`AllReduce` (-> the sum);
-- :class:`GatherUnion`: every rank's proposal (counts known to all in advance) -> the sorted union
-  of all proposals and of the indices every rank sends anyway. Over torch.distributed it is one
-  all-gather of the proposals padded to the longest; it is a request of its own so that the
-  simulation computes the union once for all its ranks.
+- :class:`GatherProposals`: every rank's proposal (counts known to all in advance) -> the list of
+  every rank's, in rank order. Over torch.distributed it is one all-gather of the proposals padded
+  to the longest, in the proposal's dtype (the step sends int32 where the vector has fewer than
+  2^31 elements); the step program itself makes their union, on its own stream (see below).
 
 Runners:
 
@@ -22,7 +22,16 @@ Runners:
   deterministically (sums in rank order). Results are shared between the simulated ranks: a
   program treats what it receives as read-only, except an all-reduce's sum, which is its own.
 
-Status: the CUDA paths (NCCL, CUDA-aware futures) have not run on a GPU yet.
+**The stream rule (NCCL).** A collective's result is taken with ``Future.wait()``, never with
+``value()`` alone: on NCCL a work's future is done as soon as the work is enqueued, and ``wait()``
+makes the current stream wait for the collective (without blocking the host), so the step's next
+kernels, issued on the current stream, read the buffer only after NCCL has written it. Nothing runs
+on the collective's own stream: the ``then`` callbacks here only hand the buffer on, and the union of
+the proposals, the one piece of work that used to run in such a callback, is made by the step program
+after its ``wait()``. A future is waited on only once it is done (``done()`` or inside its own
+``then`` callback), so no thread blocks in a wait. Status: these CUDA paths (NCCL, CUDA-aware futures)
+have not run on a GPU here (no GPU on the development machine); ``scripts/gpu_check.sh`` runs the
+hook and the plain API on NCCL (``bench/gpu_integration.py``).
 """
 
 from __future__ import annotations
@@ -60,31 +69,25 @@ class AllReduce:
 
 
 @dataclass
-class GatherUnion:
-    """Every rank's proposal (all counts known to every rank) -> the sorted union of the proposals
-    and of ``fixed``."""
+class GatherProposals:
+    """Every rank's proposal (all counts known to every rank) -> the list of every rank's, in rank
+    order (trimmed to its count)."""
 
-    mine: torch.Tensor  # this rank's proposal, int64
+    mine: torch.Tensor  # this rank's proposal: int64 indices, or int32 where they fit
     counts: list[int]  # every rank's proposal count, the same list on every rank
-    fixed: torch.Tensor | None  # indices every rank sends anyway, the same on every rank
-    disjoint: bool  # proposals never overlap: sort instead of deduplicating
 
 
-Request = AllGather | Broadcast | AllReduce | GatherUnion
+Request = AllGather | Broadcast | AllReduce | GatherProposals
 Program = Generator[Request, Any, Any]
 
 
 def union(parts: list[torch.Tensor], disjoint: bool, device: torch.device) -> torch.Tensor:
-    """Sorted union of index tensors. Disjoint parts need no deduplication: a sort keeps the result
-    free of a data-dependent size (no host sync on CUDA)."""
+    """Sorted int64 union of index tensors (int32 or int64). Disjoint parts need no deduplication: a
+    sort keeps the result free of a data-dependent size (no host sync on CUDA)."""
     if not parts:
         return torch.zeros(0, dtype=torch.int64, device=device)
-    every = torch.cat(parts)
+    every = torch.cat([p.long() for p in parts])
     return torch.sort(every).values if disjoint else torch.unique(every, sorted=True)
-
-
-def _parts(proposals: list[torch.Tensor], request: GatherUnion) -> list[torch.Tensor]:
-    return proposals if request.fixed is None else [*proposals, request.fixed]
 
 
 # ---- torch.distributed ----------------------------------------------------------------------------
@@ -120,33 +123,33 @@ class TorchCollectives:
             return work.get_future().then(lambda f: (f.value(), outs)[1])
         if isinstance(request, Broadcast):
             tensor = request.tensor
-            work = dist.broadcast(tensor, group=group, group_src=request.src, async_op=True)
+            # src is a global rank: ``group_src=`` would take the group rank, but only from torch 2.6 on
+            # (pyproject says torch>=2.5).
+            src = request.src if group is None else dist.get_global_rank(group, request.src)
+            work = dist.broadcast(tensor, src, group=group, async_op=True)
             return work.get_future().then(lambda f: (f.value(), tensor)[1])
         if isinstance(request, AllReduce):
             tensor = request.tensor
             work = dist.all_reduce(tensor, group=group, async_op=True)
             return work.get_future().then(lambda f: (f.value(), tensor)[1])
-        if isinstance(request, GatherUnion):
-            device, counts = request.mine.device, request.counts
+        if isinstance(request, GatherProposals):
+            mine, counts = request.mine, request.counts
             longest = max(counts)
             if longest == 0:  # gloo hangs on zero-length collectives; every rank knows the counts
-                return _future(union(_parts([], request), request.disjoint, device), device)
-            padded = request.mine.new_zeros(longest)
-            padded[: request.mine.numel()] = request.mine
+                return _future([mine.new_zeros(0) for _ in counts], mine.device)
+            padded = mine.new_zeros(longest)
+            padded[: mine.numel()] = mine
             outs = [torch.empty_like(padded) for _ in range(self.world_size)]
             work = dist.all_gather(outs, padded, group=group, async_op=True)
-
-            def merge(f):
-                f.value()  # raises the collective's error, if any
-                return union(_parts([o[:c] for o, c in zip(outs, counts)], request), request.disjoint, device)
-
-            return work.get_future().then(merge)
+            return work.get_future().then(lambda f: (f.value(), [o[:c] for o, c in zip(outs, counts)])[1])
         raise TypeError(f"not a collective request: {request!r}")
 
 
 def _outcome(fut: torch.futures.Future) -> tuple[Any, BaseException | None]:
+    """The result of a done future, taken with ``wait()`` (the stream rule: on NCCL it makes the
+    current stream wait for the collective), or its error."""
     try:
-        return fut.value(), None
+        return fut.wait(), None
     except BaseException as e:  # noqa: BLE001 -- handed back into the program
         return None, e
 
@@ -172,6 +175,11 @@ class ExchangeQueue:
     the thread that completed its collective (gloo's worker, or inline where the future is already
     complete), and a finished program starts the next one from there, under a lock: so the group's
     collectives are issued in one order, the same on every rank, whichever thread issues them.
+
+    A program that raises stops the queue: it starts no further program (those waiting, and those
+    submitted later, fail at once with an error naming the first one's). The step's failure protocol
+    makes every rank's program raise after the same collective, so every rank's queue stops at the
+    same point and no rank issues a collective that its peers will never join.
     """
 
     def __init__(self, collectives: TorchCollectives) -> None:
@@ -181,11 +189,16 @@ class ExchangeQueue:
         self._current: tuple[Program, torch.futures.Future] | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self.failure: BaseException | None = None  # the error that stopped the queue
 
     def submit(self, program: Program, device: torch.device) -> torch.futures.Future:
         """Queue ``program``; its future holds what it returns (CUDA-aware on a GPU)."""
         fut = future_on(device)
         with self._lock:
+            if self.failure is not None:
+                program.close()
+                fut.set_exception(self._stopped())
+                return fut
             self._waiting.append((program, fut))
             if self._current is not None:
                 return fut
@@ -198,6 +211,12 @@ class ExchangeQueue:
         """Block until every submitted program has finished (never call it from a callback)."""
         self._idle.wait()
 
+    def _stopped(self) -> RuntimeError:
+        error = RuntimeError(f"an earlier step in this exchange failed ({type(self.failure).__name__}: "
+                             f"{self.failure}); no further step starts")
+        error.__cause__ = self.failure
+        return error
+
     def _resume(self, fut: torch.futures.Future) -> None:
         self._advance(*_outcome(fut))
 
@@ -209,6 +228,8 @@ class ExchangeQueue:
             except StopIteration as stop:
                 fut.set_result(stop.value)
             except BaseException as e:  # noqa: BLE001 -- the program's future carries it
+                with self._lock:
+                    self.failure = e
                 fut.set_exception(e)
             else:
                 try:
@@ -222,6 +243,11 @@ class ExchangeQueue:
                 pending.then(self._resume)
                 return
             with self._lock:
+                if self.failure is not None:
+                    for waiting, waiting_fut in self._waiting:
+                        waiting.close()
+                        waiting_fut.set_exception(self._stopped())
+                    self._waiting.clear()
                 if not self._waiting:
                     self._current = None
                     self._idle.set()
@@ -240,12 +266,11 @@ def _resolve(requests: list[Request]) -> list[Any]:
     kinds = {type(r).__name__ for r in requests}
     if len(kinds) > 1:
         raise RuntimeError(f"simulated ranks fell out of step: they asked for {sorted(kinds)} at once")
-    if isinstance(first, GatherUnion):
+    if isinstance(first, GatherProposals):
         if any(r.counts != first.counts for r in requests) or \
                 [r.mine.numel() for r in requests] != first.counts:
             raise RuntimeError(f"simulated ranks disagree on the proposal counts {[r.counts for r in requests]}")
-        device = first.mine.device
-        return [union(_parts([r.mine for r in requests], first), first.disjoint, device)] * n
+        return [[r.mine for r in requests]] * n
     tensors = [r.tensor for r in requests]
     shapes = {(tuple(t.shape), t.dtype) for t in tensors}
     if len(shapes) > 1:

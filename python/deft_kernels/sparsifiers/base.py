@@ -29,23 +29,25 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Sequence
+from functools import cached_property
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .. import ops, planning
 from ..planning import offsets_of
 
-if TYPE_CHECKING:
-    import torch.distributed as dist
-
 #: The ops the step calls, validation off: their inputs come from the planner and the driver,
-#: valid by construction. Same names and signatures as :mod:`deft_kernels.reference`.
+#: valid by construction. Same names and signatures as :mod:`deft_kernels.reference`. (The step
+#: writes its output with two index ops into a buffer it is given, so it does not call
+#: ``sparse_unpack``, which returns a new N-element tensor.)
 FAST_KERNELS = types.SimpleNamespace(**{
     name: functools.partial(getattr(ops, name), validate=False)
-    for name in ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack")})
+    for name in ("accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack")})
+
+#: 16-bit gradient dtypes, whose residual is fp32 by default (``residual_dtype``).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -56,7 +58,7 @@ class StepStats:
     selected: int  # indices this worker proposed in select()
     sent: int  # size of the global index set (after union)
     numel: int  # N, length of the flat gradient
-    bytes_sent: int  # bytes this worker put on the wire: its int64 indices + fp32 values
+    bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements, else int64) + fp32 values
     t_select: float  # plan (if leader) + select
     t_comm: float  # waiting for the collectives
     t_other: float  # accumulate, union, unpack and the rest
@@ -74,18 +76,33 @@ class Layout:
 
     world_size: int
     sizes: tuple[int, ...]
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None  # the gradient's (the residual's is Sparsifier.residual_dtype_for it)
     device: torch.device | None
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.sizes)
+
+    @cached_property
+    def bounds(self) -> list[int]:
+        """Element offsets of the tensors, ``len(sizes) + 1`` of them (computed once)."""
+        return offsets_of(self.sizes)
 
 
 class Sparsifier:
     """Base class. Subclasses implement ``select`` and, where they need them, ``fragment_offsets``
     (default: one fragment per tensor), ``plan`` with its wire format, ``always_sent`` and
-    ``observe``. ``step`` runs one step (:func:`deft_kernels.driver.step`)."""
+    ``observe``. :func:`deft_kernels.driver.step` runs one step.
+
+    ``residual_dtype``: the dtype of the error-feedback residual. ``None`` (default): float32 for
+    float16 and bfloat16 gradients, the gradient's dtype otherwise. A 16-bit residual rounds
+    ``g + r`` to 8 (bf16) or 11 (fp16) mantissa bits, so small gradients vanish into a residual that
+    has grown large; the fp32 residual costs 4 bytes per element plus a 4-byte work buffer (the step
+    accumulates there and keeps the old residual until it commits), against 2 bytes in place.
+
+    ``rotation`` (an int, default 0, the same on every rank) shifts who leads and which bin each
+    rank selects in: the step's turn is ``step_count + rotation`` (the DDP hook gives each bucket its
+    index, so that one iteration's planning spreads over the ranks)."""
 
     name: str = "base"
     kernels: Any = FAST_KERNELS
@@ -102,15 +119,27 @@ class Sparsifier:
     #: True for the dense all-reduce (Dense): no selection, no residual.
     dense: bool = False
 
-    def __init__(self, density: float) -> None:
+    def __init__(self, density: float, residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
             raise ValueError(f"density must lie in (0, 1], got {density!r}")
+        if residual_dtype is not None and residual_dtype not in ops.SUPPORTED_DTYPES:
+            raise ValueError(f"residual_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                             f"got {residual_dtype!r}")
         self.density = float(density)
+        self.residual_dtype = residual_dtype
+        self.rotation = 0
         self.reset()
+
+    def residual_dtype_for(self, grad_dtype: torch.dtype) -> torch.dtype:
+        """The residual's dtype for gradients of ``grad_dtype`` (see the class docstring)."""
+        if self.residual_dtype is not None:
+            return self.residual_dtype
+        return torch.float32 if grad_dtype in HALF_DTYPES else grad_dtype
 
     def reset(self) -> None:
         """Forget the residual, the step counter and the layout (the next step starts afresh)."""
         self.residual: torch.Tensor | None = None
+        self.spare: torch.Tensor | None = None  # the step's work buffer, where it is not in place (driver)
         self.step_count = 0
         self.layout: Layout | None = None
         self.offsets: torch.Tensor | None = None  # host int64 fragment offsets
@@ -131,7 +160,8 @@ class Sparsifier:
         self.layout = layout
         self.offsets = self.fragment_offsets(list(layout.sizes), layout.world_size)
         if not self.dense:
-            self.residual = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+            self.residual = torch.zeros(layout.numel, dtype=self.residual_dtype_for(layout.dtype),
+                                        device=layout.device)
 
     def fragment_offsets(self, sizes: list[int], world_size: int) -> torch.Tensor:
         """int64 host offsets (length F + 1) of the fragments over the flat vector of tensors of the
@@ -192,21 +222,14 @@ class Sparsifier:
     def load_extra_state(self, state: dict) -> None:
         """Restore what ``extra_state`` returned."""
 
-    def step(self, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
-             group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, StepStats]:
-        """One step on this worker: :func:`deft_kernels.driver.step` (error feedback, plan,
-        selection and exchange over ``group``; see there)."""
-        from ..driver import step
-
-        return step(self, grad, sizes=sizes, group=group)
-
     def state_dict(self) -> dict:
         """This worker's state: residual, step counter, world size and layout, algorithm state.
         Every rank saves its own (residuals differ between workers)."""
         layout = self.layout
         return {"name": self.name, "density": self.density, "residual": self.residual,
                 "step_count": self.step_count, "world_size": None if layout is None else layout.world_size,
-                "sizes": None if layout is None else list(layout.sizes), "extra": self.extra_state()}
+                "sizes": None if layout is None else list(layout.sizes), "extra": self.extra_state(),
+                "grad_dtype": None if layout is None or layout.dtype is None else str(layout.dtype)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output; the next ``step`` continues exactly."""
@@ -224,7 +247,10 @@ class Sparsifier:
             if state["sizes"] is None or sum(state["sizes"]) != residual.numel():
                 raise ValueError("state['sizes'] does not match the residual's length")
         if state["sizes"] is not None:
-            dtype, device = (None, None) if residual is None else (residual.dtype, residual.device)
+            # The gradient's dtype (saved since residual_dtype: older states had it equal the residual's)
+            saved = state.get("grad_dtype")
+            dtype = getattr(torch, saved.removeprefix("torch.")) if saved else None
+            dtype, device = (None, None) if residual is None else (dtype or residual.dtype, residual.device)
             self.layout = Layout(int(state["world_size"]), tuple(int(s) for s in state["sizes"]), dtype, device)
             self.offsets = self.fragment_offsets(list(self.layout.sizes), self.layout.world_size)
         if residual is not None:

@@ -34,8 +34,9 @@ class DEFT(Sparsifier):
     #: Bin code of a fragment in the plan's wire format: not selected at all, or sent whole.
     NO_BIN, COMMON = -1, -2
 
-    def __init__(self, density: float, cost_model=planning.DEFAULT_COST_MODEL) -> None:
-        super().__init__(density)
+    def __init__(self, density: float, cost_model=planning.DEFAULT_COST_MODEL, *,
+                 residual_dtype: torch.dtype | None = None) -> None:
+        super().__init__(density, residual_dtype)
         if not (callable(cost_model) or cost_model in planning.COST_MODELS):
             raise ValueError(f"cost_model must be one of {sorted(planning.COST_MODELS)} or a callable, "
                              f"got {cost_model!r}")
@@ -59,9 +60,13 @@ class DEFT(Sparsifier):
 
     def decode_plan(self, wire, offsets, world_size) -> planning.DeftPlan:
         k, code, costs = wire.view(3, -1)
-        return planning.DeftPlan(sizes=offsets.diff(), k=k.clone(),
-                                 bins=[torch.nonzero(code == b).flatten() for b in range(world_size)],
-                                 common=torch.nonzero(code == self.COMMON).flatten(), costs=costs.view(torch.float64))
+        # One stable sort groups the fragment ids by bin code (COMMON, NO_BIN, then bins 0..n-1),
+        # ascending within each: a split per code instead of a nonzero per bin.
+        order = torch.argsort(code, stable=True)
+        counts = torch.bincount(code - self.COMMON, minlength=world_size + 2).tolist()
+        common, _, *bins = order.split(counts)
+        return planning.DeftPlan(sizes=offsets.diff(), k=k.clone(), bins=bins, common=common,
+                                 costs=costs.view(torch.float64))
 
     def proposal_counts(self, plan, world_size, step) -> list[int]:
         return [int(plan.k[plan.fragments_of(rank, step)].sum()) for rank in range(world_size)]

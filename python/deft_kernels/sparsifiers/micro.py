@@ -46,8 +46,9 @@ class MiCRO(Sparsifier):
     name = "micro"
     disjoint_proposals = True
 
-    def __init__(self, density: float, max_scale: float = 2.0, gain: float = 0.5) -> None:
-        super().__init__(density)
+    def __init__(self, density: float, max_scale: float = 2.0, gain: float = 0.5, *,
+                 residual_dtype: torch.dtype | None = None) -> None:
+        super().__init__(density, residual_dtype)
         if isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale > 1:
             raise ValueError(f"max_scale must be a number greater than 1, got {max_scale!r}")
         if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain <= 1:

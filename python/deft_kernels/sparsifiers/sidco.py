@@ -52,8 +52,9 @@ class SIDCo(Sparsifier):
 
     name = "sidco"
 
-    def __init__(self, density: float, first_stage: str = "exponential", stages: int | None = None) -> None:
-        super().__init__(density)
+    def __init__(self, density: float, first_stage: str = "exponential", stages: int | None = None, *,
+                 residual_dtype: torch.dtype | None = None) -> None:
+        super().__init__(density, residual_dtype)
         if first_stage not in FIRST_STAGE_FITS:
             raise ValueError(f"first_stage must be one of {list(FIRST_STAGE_FITS)}, got {first_stage!r}")
         if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):

@@ -19,11 +19,12 @@ class HardThreshold(Sparsifier):
 
     name = "threshold"
 
-    def __init__(self, threshold: float, density: float = 1.0) -> None:
+    def __init__(self, threshold: float, density: float = 1.0, *,
+                 residual_dtype: torch.dtype | None = None) -> None:
         if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
                 or not math.isfinite(threshold) or threshold <= 0):
             raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
-        super().__init__(density)
+        super().__init__(density, residual_dtype)
         self.threshold = float(threshold)
 
     def select(self, acc, norms, offsets, plan, rank, world_size, step) -> torch.Tensor:
