@@ -9,8 +9,11 @@ import numbers
 from dataclasses import asdict
 from typing import Any, Callable, Union
 
+import torch
 import torch.distributed as dist
 
+from . import driver
+from .driver import StepResult
 from .sparsifiers.base import Sparsifier, StepStats
 
 SparsifierSpec = Union[str, Callable[..., Sparsifier]]
@@ -64,6 +67,32 @@ def make_sparsifier(spec: SparsifierSpec, density: float, kwargs: dict[str, Any]
     if not isinstance(sp, Sparsifier):
         raise TypeError(f"sparsifier factory must return a deft_kernels Sparsifier, got {type(sp).__name__}")
     return sp
+
+
+def check_grad_scaler(scaler: Any) -> torch.amp.GradScaler | None:
+    """``scaler`` must be ``None`` or a ``torch.amp.GradScaler`` (``torch.cuda.amp.GradScaler`` is one)."""
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be None or a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return scaler
+
+
+def loss_scale(scaler: torch.amp.GradScaler | None) -> float | None:
+    """The scale the gradients of this backward carry (``None``: none, or a disabled scaler). On CUDA
+    ``get_scale()`` reads it on the host: once per iteration, where the scaler's own ``step`` reads
+    its inf flag anyway."""
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+
+def undo_if_skipped(steps: list[tuple[Sparsifier, StepResult]]) -> bool:
+    """The steps of one iteration, run with a loss scale: when one of them was skipped (its output is
+    not finite, so the scaler skips the optimizer step), take back the residual update of the others,
+    whose output is discarded with it. Returns whether the iteration was skipped."""
+    if not any(result.skipped for _, result in steps):
+        return False
+    for sp, result in steps:
+        if not result.skipped:
+            driver.undo(sp)
+    return True
 
 
 def world(group: dist.ProcessGroup | None) -> tuple[int, int]:

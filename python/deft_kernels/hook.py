@@ -24,12 +24,28 @@ every rank issues the group's collectives in one order. At the last bucket backw
 hook waits there until every step has ended, before DDP issues collectives of its own (with
 ``find_unused_parameters=True`` it all-reduces its map of used parameters right after the last
 bucket). On NCCL a collective's future completes when the work is enqueued, so the steps run inline
-and the one host read of a step blocks the hook's thread until its data has arrived (not run on a
-GPU yet).
+and each host read of a step blocks the hook's thread until its data has arrived; every result is
+taken with ``Future.wait()``, which orders the current stream after NCCL's (docs/exchange.md, the
+stream rule; not run on a GPU here: ``scripts/gpu_check.sh`` runs the hook on NCCL).
+
+**Failures.** When a step fails on any rank (bad input, or its plan, selection or packing raises),
+every rank's step raises after the same collective, naming the rank and the cause (docs/exchange.md,
+the failure protocol); the bucket's future carries the error, DDP raises it from ``backward``, and
+the state's queue starts no further bucket: later hook calls fail at once. Build a new state (or
+``load_state_dict`` a saved one into a new state) to go on.
+
+**Output in place.** The warm-up all-reduces an fp32 bucket in place and divides it, as DDP does
+(16-bit buckets go through an fp32 copy: the numeric rule); a sparse step writes its result into
+the bucket's own buffer and returns it, as PowerSGD's hook does: no N-element output per step.
+
+**Planning spreads over the ranks.** Bucket ``i``'s sparsifier has ``rotation = i``: at iteration
+``t`` its leader is rank ``(t + i) % n``, so the buckets of one iteration are planned by different
+ranks, and the bins rotate with the same offset.
 
 **Unused parameters.** With ``find_unused_parameters=True`` DDP discards the hook's output for a
-parameter no rank used in the iteration; anything sent there would be lost. The state registers a
-tensor hook on every parameter (it runs when the parameter's gradient is computed, before DDP's own
+parameter no rank used in the iteration; anything sent there would be lost. Given
+``DeftState(find_unused_parameters=True)`` (the same value as DDP's; without it the state keeps no
+per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs when the parameter's gradient is computed, before DDP's own
 hooks) and passes each step the parameters this rank used since the previous exchange (under
 ``no_sync``, in any of the accumulated iterations, as DDP counts them); the step exchanges these
 flags in its header, and a parameter no rank used keeps its residual whole (see :mod:`deft_kernels.driver.program`).
@@ -43,7 +59,9 @@ iteration every parameter sits in one provisional bucket (in ``model.parameters(
 second forward DDP rebuilds the buckets from the order in which gradients became ready, and keeps
 them. A residual and fragments keyed by ``bucket.index()`` only mean something on the rebuilt
 buckets, so the first iteration must not create them. (PowerSGD asks for 2 warm-up steps for the same
-reason; here a layout check catches any later change: the hook raises instead of mixing residuals.)
+reason; here the step's layout check catches a change of length: the hook raises instead of mixing
+residuals. DDP does not rebuild its buckets a second time, so a bucket's parameters are looked up
+once, when its sparsifier is made, not at every step.)
 
 **Checkpoints.** ``state_dict()`` holds this rank's residual for every bucket and the counters; each
 rank saves its own file and loads it back (a file from another rank is refused). A resumed run builds
@@ -62,11 +80,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
-                           check_sparsifier_spec, make_sparsifier, world)
+from ._integration import (CompressionLog, SparsifierSpec, check_density, check_grad_scaler, check_group, check_int,
+                           check_checkpoint, check_sparsifier_spec, loss_scale, make_sparsifier, undo_if_skipped, world)
 from .driver import ExchangeQueue, StepResult, TorchCollectives, mean_program, run_blocking, step_program
 from .driver.collectives import future_on
 from .sparsifiers.base import Sparsifier, StepStats
+from .transfer import to_host
 
 __all__ = ["DeftState", "deft_hook"]
 
@@ -78,6 +97,7 @@ class _BucketState:
     sparsifier: Sparsifier
     positions: tuple[int, ...]  # each parameter's position in the DDP model's first iteration
     sizes: tuple[int, ...]  # numel of each parameter, in bucket order
+    result: StepResult | None = None  # this iteration's step, once it has ended
 
 
 class DeftState:
@@ -92,7 +112,20 @@ class DeftState:
         density: fraction of each bucket's elements sent per step, in (0, 1].
         warmup_steps: dense (averaged all-reduce) iterations before sparsification starts, >= 1
             (see the module docstring for why).
-        **sparsifier_kwargs: passed to the sparsifier (e.g. ``threshold=`` for "threshold").
+        grad_scaler: the ``torch.amp.GradScaler`` of the training loop, if any (fp16 AMP): the
+            residuals then hold unscaled gradients (the hook divides each bucket by the scaler's
+            current scale before accumulating and scales its output back), and in an iteration whose
+            output is not finite anywhere (the scaler skips its optimizer step) every bucket's
+            residual stays as it was. Without it, a scaled gradient would pile up in the residual in
+            the units of whatever scale was current, and an overflow step would leave its gradient
+            there while the optimizer skips it.
+        find_unused_parameters: pass the value given to ``DistributedDataParallel``: with ``True``
+            the state tracks which parameters this rank used (a tensor hook per parameter, see the
+            module docstring); with ``False`` (DDP's default, where every parameter is used in every
+            iteration) it registers none, and a step does no per-parameter work.
+        **sparsifier_kwargs: passed to the sparsifier (e.g. ``threshold=`` for "threshold";
+            ``residual_dtype=`` to choose the residual's dtype, by default fp32 for 16-bit
+            gradients: see ``deft_kernels.sparsifiers.Sparsifier``).
 
     Attributes:
         iter: iterations completed (warm-up included).
@@ -100,8 +133,13 @@ class DeftState:
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, sparsifier: SparsifierSpec = "deft",
-                 density: float = 0.01, warmup_steps: int = 10, **sparsifier_kwargs: Any) -> None:
+                 density: float = 0.01, warmup_steps: int = 10, *, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 find_unused_parameters: bool = False, **sparsifier_kwargs: Any) -> None:
         check_group("process_group", process_group)
+        self.grad_scaler = check_grad_scaler(grad_scaler)
+        if not isinstance(find_unused_parameters, bool):
+            raise TypeError(f"find_unused_parameters must be a bool, got {type(find_unused_parameters).__name__}")
+        self.find_unused_parameters = find_unused_parameters
         self.process_group = process_group
         self.sparsifier = check_sparsifier_spec(sparsifier)
         self.density = check_density(density)
@@ -120,6 +158,7 @@ class DeftState:
         self._iteration_started = False
         self._new_model = False
         self._mode = ""
+        self._loss_scale: float | None = None
         self._pending: list[tuple[list[int], list[int], torch.Tensor, torch.futures.Future]] = []
         self._queue: ExchangeQueue | None = None  # made at the first step that needs it (needs the group)
 
@@ -168,7 +207,7 @@ class DeftState:
     def _restore(self, state_dict: dict[str, Any]) -> None:
         buckets = {}
         for index, saved in state_dict["buckets"].items():
-            sp = make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)
+            sp = self._new_sparsifier(int(index))
             sp.load_state_dict(saved["sparsifier"])
             buckets[int(index)] = _BucketState(sp, tuple(saved["positions"]), tuple(saved["sizes"]))
         self._buckets = buckets
@@ -177,14 +216,16 @@ class DeftState:
         self._reset_model()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the process group (it becomes the default group, as in PowerSGD's state) and
-        without the link to the DDP model."""
-        keep = ("sparsifier", "density", "warmup_steps", "sparsifier_kwargs", "_log")
+        """Pickle without the process group (it becomes the default group, as in PowerSGD's state),
+        without the grad scaler (pass the loop's own to the unpickled state: ``state.grad_scaler =
+        scaler``) and without the link to the DDP model."""
+        keep = ("sparsifier", "density", "warmup_steps", "find_unused_parameters", "sparsifier_kwargs", "_log")
         return {"config": {k: self.__dict__[k] for k in keep}, "state": self.state_dict()}
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         self.__dict__.update(pickled["config"])
         self.process_group = None
+        self.grad_scaler = None
         self._restore(pickled["state"])
 
     # ---- what the hook calls ----
@@ -193,10 +234,11 @@ class DeftState:
         """On the iteration's first bucket, decide how the whole iteration runs: "dense" (warm-up, or
         a new model's first iteration with nothing to carry over), "regroup" (a new model's first
         iteration with residuals to carry over) or "sparse"."""
-        params = bucket.parameters()
         if not self._iteration_started:
             self._iteration_started = True
-            new_model = any(p not in self._positions for p in params)
+            # A new DDP model has parameters this state has not seen; the first one tells (a state
+            # serves one model, so there is no need to look at every parameter every iteration).
+            new_model = bucket.parameters()[0] not in self._positions
             if new_model:
                 self._forget_parameters()
             self._new_model = new_model
@@ -206,10 +248,12 @@ class DeftState:
                 self._mode = "regroup" if self._buckets else "dense"
             else:
                 self._mode = "sparse"
+            self._loss_scale = loss_scale(self.grad_scaler) if self._mode != "dense" else None
         if self._new_model:
-            for p in params:
+            for p in bucket.parameters():
                 self._positions[p] = len(self._positions)
-                self._tensor_hooks.append(p.register_hook(self._mark_used(self._positions[p])))
+                if self.find_unused_parameters:
+                    self._tensor_hooks.append(p.register_hook(self._mark_used(self._positions[p])))
 
     def _layout(self, bucket: dist.GradBucket) -> tuple[list[int], list[int]]:
         try:
@@ -231,6 +275,7 @@ class DeftState:
             result: StepResult = fut.value()
             if index is not None:
                 self.last_stats[index] = result.stats
+                self._buckets[index].result = result
             return result.out
 
         return self._queue.submit(program, buffer.device).then(output)
@@ -238,23 +283,25 @@ class DeftState:
     def _dense_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         comm = self._comm()
         buffer = bucket.buffer()
-        return self._submit(mean_program(buffer, rank=comm.rank, world_size=comm.world_size), buffer, None)
+        return self._submit(mean_program(buffer, rank=comm.rank, world_size=comm.world_size, in_place=True),
+                            buffer, None)
+
+    def _new_sparsifier(self, index: int) -> Sparsifier:
+        sp = make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)
+        sp.rotation = index  # one iteration's buckets are led by different ranks (docs/exchange.md)
+        return sp
 
     def _sparse_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        positions, sizes = self._layout(bucket)
         index = bucket.index()
         b = self._buckets.get(index)
-        if b is None:
-            b = self._buckets[index] = _BucketState(
-                make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs), tuple(positions), tuple(sizes))
-        elif b.positions != tuple(positions):
-            raise RuntimeError(f"DDP bucket {index} changed its parameters after sparsification began; its residual "
-                               "no longer lines up with the gradient (were the buckets rebuilt again?)")
+        if b is None:  # the bucket's layout is fixed from now on (DDP rebuilds its buckets once, before)
+            positions, sizes = self._layout(bucket)
+            b = self._buckets[index] = _BucketState(self._new_sparsifier(index), tuple(positions), tuple(sizes))
         comm = self._comm()
-        used = torch.tensor([pos in self._used for pos in positions], dtype=torch.bool)
+        used = torch.tensor([pos in self._used for pos in b.positions]) if self.find_unused_parameters else None
         buffer = bucket.buffer()
-        program = step_program(b.sparsifier, buffer, sizes=sizes, rank=comm.rank, world_size=comm.world_size,
-                               used=used)
+        program = step_program(b.sparsifier, buffer, sizes=b.sizes, rank=comm.rank, world_size=comm.world_size,
+                               used=used, out=buffer, loss_scale=self._loss_scale)
         return self._submit(program, buffer, index)
 
     def _regroup(self) -> None:
@@ -276,11 +323,14 @@ class DeftState:
             b = self._buckets[index]
             # The tensor hooks were registered too late to fire in this first iteration: a parameter
             # counts as used where its gradient is not all zeros (see the module docstring).
-            used = torch.stack([grads[pos].ne(0).any() for pos in b.positions])
+            used = to_host(torch.stack([grads[pos].ne(0).any() for pos in b.positions]))[0] \
+                if self.find_unused_parameters else None
+            b.sparsifier.rotation = index
             result = run_blocking(step_program(b.sparsifier, torch.cat([grads[pos] for pos in b.positions]),
                                                sizes=list(b.sizes), rank=comm.rank, world_size=comm.world_size,
-                                               used=used), comm)
+                                               used=used, loss_scale=self._loss_scale), comm)
             self.last_stats[index] = result.stats
+            b.result = result
             outs.update(zip(b.positions, result.out.split(list(b.sizes))))
         for positions, _, buffer, fut in self._pending:
             fut.set_result(torch.cat([outs[pos] for pos in positions]).view_as(buffer))
@@ -291,6 +341,11 @@ class DeftState:
         if self._queue is not None:
             self._queue.wait_idle()
         if self._mode in ("sparse", "regroup"):
+            steps = [(b.sparsifier, b.result) for b in self._buckets.values() if b.result is not None]
+            if self._loss_scale is not None:
+                undo_if_skipped(steps)
+            for b in self._buckets.values():
+                b.result = None
             self._log.record(list(self.last_stats.values()))
         self.iter += 1
         self._iteration_started = False

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from . import driver
-from ._integration import (CompressionLog, SparsifierSpec, check_density, check_group, check_int, check_checkpoint,
-                           check_sparsifier_spec, make_sparsifier, world)
+from ._integration import (CompressionLog, SparsifierSpec, check_density, check_grad_scaler, check_group, check_int,
+                           check_checkpoint, check_sparsifier_spec, loss_scale, make_sparsifier, undo_if_skipped, world)
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["GradientSparsifier"]
@@ -83,7 +83,12 @@ class GradientSparsifier:
         group: process group; ``None``: the default group (or no communication when
             torch.distributed is not initialised).
         warmup_steps: steps of dense averaged all-reduce before sparsification starts (default 0).
-        **sparsifier_kwargs: passed to the sparsifier.
+        grad_scaler: the loop's ``torch.amp.GradScaler``, if any: call ``step()`` right after
+            ``scaler.scale(loss).backward()``; the residuals then hold unscaled gradients and a step
+            the scaler skips (a gradient that is not finite) leaves them as they were (see
+            ``deft_kernels.DeftState``).
+        **sparsifier_kwargs: passed to the sparsifier (``residual_dtype=`` chooses the residual's
+            dtype: by default fp32 for 16-bit gradients).
 
     A parameter whose ``grad`` is ``None`` at ``step()`` (unused in this iteration on this worker)
     counts as a zero gradient: every worker must enter the collectives with the same layout, and the
@@ -97,8 +102,10 @@ class GradientSparsifier:
 
     def __init__(self, model_or_params: Union[torch.nn.Module, Iterable[torch.Tensor]],
                  sparsifier: SparsifierSpec = "deft", density: float = 0.01,
-                 group: dist.ProcessGroup | None = None, warmup_steps: int = 0, **sparsifier_kwargs: Any) -> None:
+                 group: dist.ProcessGroup | None = None, warmup_steps: int = 0, *,
+                 grad_scaler: torch.amp.GradScaler | None = None, **sparsifier_kwargs: Any) -> None:
         params = _trainable_parameters(model_or_params)
+        self.grad_scaler = check_grad_scaler(grad_scaler)
         check_group("group", group)
         spec = check_sparsifier_spec(sparsifier)
         self.density = check_density(density)
@@ -121,7 +128,8 @@ class GradientSparsifier:
         """Replace every ``p.grad`` by the averaged sparse gradient (dense average in the warm-up);
         returns ``last_stats``."""
         sparse = self.step_count >= self.warmup_steps
-        stats = []
+        scale = loss_scale(self.grad_scaler) if sparse else None
+        stats, steps = [], []
         for g in self._groups:
             for p, view in zip(g.params, g.flat.split(g.sizes)):
                 if p.grad is None:
@@ -132,8 +140,10 @@ class GradientSparsifier:
                 else:
                     view.copy_(p.grad.reshape(-1))
             if sparse:
-                out, s = driver.step(g.sparsifier, g.flat, sizes=g.sizes, group=self.group)
-                stats.append(s)
+                result = driver.run_step(g.sparsifier, g.flat, sizes=g.sizes, group=self.group, loss_scale=scale)
+                out = result.out
+                stats.append(result.stats)
+                steps.append((g.sparsifier, result))
             else:
                 out = driver.mean(g.flat, self.group)
             for p, o in zip(g.params, out.split(g.sizes)):
@@ -141,6 +151,8 @@ class GradientSparsifier:
                     p.grad = o.view_as(p).clone()
                 else:
                     p.grad.copy_(o.view_as(p))
+        if scale is not None:
+            undo_if_skipped(steps)
         self.step_count += 1
         self.last_stats = stats
         if sparse:
