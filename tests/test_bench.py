@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from deft_kernels import sparsifiers
+from deft_kernels import driver, sparsifiers
 from deft_kernels.benchmarks import models
 from deft_kernels.benchmarks import worker_count as bench
 
@@ -93,7 +93,7 @@ def test_simulation_of_one_worker_is_the_real_step(name):
     options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
     sim = bench.simulate(name, 0.01, work, 1, warmup=0, repeats=3, options=options)
     sp = sparsifiers.build(name, 0.01, **options)
-    real = [sp.step(work.grads[0], sizes=work.sizes)[1] for _ in range(3)]
+    real = [driver.step(sp, work.grads[0], sizes=work.sizes)[1] for _ in range(3)]
     assert [s["sent"] for s in sim["steps"]] == [st.sent for st in real]
     assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from multiproc import spawn
 
 import deft_kernels
-from deft_kernels import planning
+from deft_kernels import driver, planning
 from deft_kernels.sparsifiers import MiCRO, SIDCo, build
 
 WORLD = 2
@@ -62,7 +62,7 @@ def test_budget_bad_input_names_the_argument(match, call):
 @pytest.mark.parametrize("name", ["topk", "cltk", "deft"])
 def test_a_tiny_vector_at_a_low_density_sends_one_element(seed, name):
     g = torch.randn(50, generator=torch.Generator().manual_seed(seed))
-    out, stats = build(name, 0.01).step(g)
+    out, stats = driver.step(build(name, 0.01), g)
     top = int(g.abs().argmax())
     assert stats.sent == 1 and torch.nonzero(out).flatten().tolist() == [top] and out[top] == g[top]
 
@@ -75,7 +75,7 @@ def test_sidco_aims_at_one_element_when_d_n_is_below_one(seed):
 
 def test_micro_steers_toward_one_element_when_d_n_is_below_one():
     s = MiCRO(0.001, max_scale=2.0)
-    s.step(torch.ones(100))  # first threshold ln(1000) = 6.9 > 1: nothing passes
+    driver.step(s, torch.ones(100))  # first threshold ln(1000) = 6.9 > 1: nothing passes
     assert s.thresholds == [pytest.approx(math.log(1000.0) / 2)]  # target 1 element, not 0: halved
 
 
@@ -85,7 +85,7 @@ def test_at_density_one_one_worker_sends_everything_zeros_included(name):
     g = torch.tensor([1.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.5, 0.0, -1.0, 4.0, 0.0, 0.0])
     s = build(name, 1.0)
     for _ in range(2):
-        out, stats = s.step(g, sizes=sizes)
+        out, stats = driver.step(s, g, sizes=sizes)
         assert stats.sent == g.numel() and torch.equal(out, g)
         assert s.residual is None or not bool(s.residual.any())
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from deft_kernels import driver
 from deft_kernels.simulate import simulate
 from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, TopK, build
 
@@ -103,18 +104,18 @@ def bad_input_checks(rank: int) -> dict:
     the call is on another group, alone)."""
     g = make_grad(rank, 0, SIZES, torch.float32)
     s = TopK(0.1)
-    s.step(g, sizes=SIZES)
+    driver.step(s, g, sizes=SIZES)
     alone = dist.new_group([0])  # every rank must call new_group
     errors = {
-        "layout": error_of(lambda: s.step(g, sizes=SIZES[::-1])),
-        "length": error_of(lambda: s.step(torch.cat([g, g]))),
-        "sizes-sum": error_of(lambda: s.step(g, sizes=[1, 2])),
-        "non-float": error_of(lambda: s.step(g.to(torch.int32), sizes=SIZES)),
+        "layout": error_of(lambda: driver.step(s, g, sizes=SIZES[::-1])),
+        "length": error_of(lambda: driver.step(s, torch.cat([g, g]))),
+        "sizes-sum": error_of(lambda: driver.step(s, g, sizes=[1, 2])),
+        "non-float": error_of(lambda: driver.step(s, g.to(torch.int32), sizes=SIZES)),
         "density-zero": error_of(lambda: DEFT(0.0)),
         "density-above-one": error_of(lambda: build("topk", 1.5)),
     }
     if rank == 0:
-        errors["world-size"] = error_of(lambda: s.step(g, sizes=SIZES, group=alone))
+        errors["world-size"] = error_of(lambda: driver.step(s, g, sizes=SIZES, group=alone))
     dist.barrier()
     # Ranks that disagree at the first step: same length, tensors in another order on the last rank
     # (without the check DEFT would silently mix parameters), then different lengths. Every rank
@@ -122,14 +123,14 @@ def bad_input_checks(rank: int) -> dict:
     world = dist.get_world_size()
     permuted = SIZES[::-1] if rank == world - 1 else SIZES
     fresh = DEFT(0.02)
-    errors["layout-across-ranks"] = error_of(lambda: fresh.step(g, sizes=permuted))
+    errors["layout-across-ranks"] = error_of(lambda: driver.step(fresh, g, sizes=permuted))
     errors["reset-after-disagreement"] = fresh.residual is None and fresh.step_count == 0
     longer = torch.cat([g, g[:7]]) if rank == 0 else g
-    errors["length-across-ranks"] = error_of(lambda: TopK(0.1).step(longer))
-    errors["density-across-ranks"] = error_of(lambda: TopK(0.1 if rank else 0.2).step(g, sizes=SIZES))
+    errors["length-across-ranks"] = error_of(lambda: driver.step(TopK(0.1), longer))
+    errors["density-across-ranks"] = error_of(lambda: driver.step(TopK(0.1 if rank else 0.2), g, sizes=SIZES))
     odd = g.to(torch.int32) if rank == 0 else g  # rejected on rank 0 only: the others must not hang
-    errors["non-float-on-one-rank"] = error_of(lambda: TopK(0.1).step(odd, sizes=SIZES))
-    fresh.step(g, sizes=SIZES)  # agreeing ranks go on normally with the same instance
+    errors["non-float-on-one-rank"] = error_of(lambda: driver.step(TopK(0.1), odd, sizes=SIZES))
+    driver.step(fresh, g, sizes=SIZES)  # agreeing ranks go on normally with the same instance
     errors["agreeing-after-reset"] = fresh.step_count == 1
     dist.barrier()
     return errors
@@ -142,7 +143,7 @@ def worker(rank: int, world_size: int, out_dir) -> dict:
         s = recording(build(name, density, **kwargs))
         steps = []
         for t in range(STEPS):
-            out, stats = s.step(make_grad(rank, t, sizes, dtype), sizes=sizes)
+            out, stats = driver.step(s, make_grad(rank, t, sizes, dtype), sizes=sizes)
             steps.append({"out": out, "residual": None if s.residual is None else s.residual.clone(),
                           "stats": dataclasses.asdict(stats)})
         digests = [None] * world_size

@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+import types
 
 import pytest
 import torch
 
 from deft_kernels import driver, reference
-from deft_kernels.driver import AllGather, AllReduce, Broadcast, ExchangeQueue, GatherUnion, run_lockstep, step_program
+from deft_kernels.driver import AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, run_lockstep, step_program
 from deft_kernels.sparsifiers import SPARSIFIERS, build
 from deft_kernels.transfer import HOST_READS, to_host
 
@@ -51,7 +52,7 @@ def _watch(program, log: list):
             log.append(("reads", HOST_READS.count - before))
             raise
         log.append(("reads", HOST_READS.count - before))
-        tensor = request.mine if isinstance(request, GatherUnion) else request.tensor
+        tensor = request.mine if isinstance(request, GatherProposals) else request.tensor
         log.append((type(request).__name__, tensor.dtype, tuple(tensor.shape)))
         value = yield request
 
@@ -73,21 +74,24 @@ def _run(sparsifiers, grads, wrap=None, **kwargs):
 # ---- the shape of a step ----
 
 #: The collectives of a step after the first, in order (the first step starts with one more
-#: all-gather: the setup agreement). The value all-reduce is left out when nothing is sent.
+#: all-gather: the setup agreement). The value all-reduce carries every rank's status block, so it
+#: runs even when nothing is sent.
 COLLECTIVES = {
-    "deft": ["AllGather", "Broadcast", "GatherUnion", "AllReduce"],
-    "topk": ["AllGather", "GatherUnion", "AllReduce"],
-    "threshold": ["AllGather", "GatherUnion", "AllReduce"],
-    "sidco": ["AllGather", "GatherUnion", "AllReduce"],
-    "micro": ["Broadcast", "AllGather", "GatherUnion", "AllReduce"],
+    "deft": ["AllGather", "Broadcast", "GatherProposals", "AllReduce"],
+    "topk": ["AllGather", "GatherProposals", "AllReduce"],
+    "threshold": ["AllGather", "GatherProposals", "AllReduce"],
+    "sidco": ["AllGather", "GatherProposals", "AllReduce"],
+    "micro": ["Broadcast", "AllGather", "GatherProposals", "AllReduce"],
     "cltk": ["Broadcast", "AllReduce"],
     "dense": ["AllReduce"],
 }
 
 #: Host reads through transfer.to_host in a step after the first, on the leader and on the other
-#: ranks (MiCRO's leader reads once more while a partition's threshold is not yet positive).
-HOST_READS_PER_STEP = {"deft": (1, 1), "topk": (1, 1), "threshold": (1, 1), "cltk": (1, 1), "dense": (1, 1),
-                       "micro": (2, 3)}
+#: ranks: the header (or the plan), then the status block of the value all-reduce (the failure
+#: protocol's last check). CLT-k and Dense read both in one. MiCRO's leader reads once more while a
+#: partition's threshold is not yet positive, and every MiCRO rank reads the sent set in observe.
+HOST_READS_PER_STEP = {"deft": (2, 2), "topk": (2, 2), "threshold": (2, 2), "cltk": (1, 1), "dense": (1, 1),
+                       "micro": (3, 4)}
 
 
 def test_every_registered_sparsifier_has_its_collectives_listed():
@@ -108,8 +112,8 @@ def test_collectives_and_host_reads_per_step(name, n):
         if step >= 1 and name in HOST_READS_PER_STEP:
             leader, other = HOST_READS_PER_STEP[name]
             assert reads == [leader if r == step % n else other for r in range(n)], (step, reads)
-        if name == "deft":  # the sync contract: one read per rank, the first step one more (the setup)
-            assert reads == [1 + (step == 0)] * n, (step, reads)
+        if name == "deft":  # the sync contract: two reads per rank, the first step one more (the setup)
+            assert reads == [2 + (step == 0)] * n, (step, reads)
 
 
 def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
@@ -121,7 +125,7 @@ def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
     fragments = ranks[0].offsets.numel() - 1
     for log in logs:
         (broadcast,) = [e for e in log if e[0] == "Broadcast"]
-        assert broadcast == ("Broadcast", torch.int64, (3 * fragments,))
+        assert broadcast == ("Broadcast", torch.int64, (3 * fragments + 1,))  # and the status slot
         (header,) = [e for e in log if e[0] == "AllGather"]
         assert header == ("AllGather", torch.int64, (2 + len(SIZES),))  # code, count, a flag per tensor
 
@@ -177,7 +181,7 @@ def test_one_rank_rejecting_its_input_stops_every_rank_at_the_same_point(name, h
     for r, e in enumerate(errors):
         assert isinstance(e, (TypeError, ValueError)), (r, e)
         if r != bad_rank:
-            assert str(e).startswith(f"another rank rejected its input at step 1 (rank {bad_rank}: "), e
+            assert str(e).startswith(f"another rank stopped at step 1 (rank {bad_rank}: "), e
             assert WORDS[how] in str(e), e
     for r, sp in enumerate(ranks):
         assert sp.step_count == 1
@@ -188,6 +192,70 @@ def test_one_rank_rejecting_its_input_stops_every_rank_at_the_same_point(name, h
     # Still in step: the next step with good input runs on every rank.
     _run(ranks, [_grad(r, 2) for r in range(n)])
     assert all(sp.step_count == 2 for sp in ranks)
+
+
+class _Boom(RuntimeError):
+    """The stand-in for an out-of-memory error or a failed launch on one rank."""
+
+
+def _raising(*args, **kwargs):
+    raise _Boom("out of memory (injected)")
+
+
+#: Where a rank's own work can fail before a collective its peers wait on, and how it is injected
+#: into that rank's sparsifier: the words the others' error must contain.
+FAULTS = {
+    "plan": (lambda sp: setattr(sp, "plan", _raising), "the leader's plan raised"),
+    "select": (lambda sp: setattr(sp, "select", _raising), "its selection raised"),
+    "pack": (lambda sp: setattr(sp, "kernels", types.SimpleNamespace(**{**vars(sp.kernels), "sparse_pack": _raising})),
+             "packing its values raised"),
+}
+HAS_PLAN = {"deft", "micro", "cltk"}
+
+
+@pytest.mark.parametrize("name", sorted(set(SPARSIFIERS) - {"dense"}))
+@pytest.mark.parametrize("where", sorted(FAULTS))
+def test_a_failure_in_a_ranks_own_work_stops_every_rank_at_the_same_point(name, where):
+    if where == "plan" and name not in HAS_PLAN:
+        pytest.skip("no plan")
+    n, bad_rank = 3, 1  # step 1: rank 1 leads
+    ranks = _ranks(name, n)
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    residuals = [sp.residual.clone() for sp in ranks]
+    inject, words = FAULTS[where]
+    inject(ranks[bad_rank])
+    errors = _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _catching(p))  # raises if out of step
+    for r, e in enumerate(errors):
+        if r == bad_rank:
+            assert isinstance(e, _Boom), e
+        else:
+            assert isinstance(e, ValueError) and str(e).startswith(f"another rank stopped at step 1 (rank {bad_rank}: "), e
+            assert words in str(e), e
+    for r, sp in enumerate(ranks):
+        assert sp.step_count == 1
+        assert torch.equal(sp.residual, residuals[r] + _grad(r, 1))  # every rank keeps the step's gradient
+    for sp in ranks:  # the fault is gone: still in step, the next step runs on every rank
+        sp.__dict__.pop("plan", None), sp.__dict__.pop("select", None), sp.__dict__.pop("kernels", None)
+    _run(ranks, [_grad(r, 2) for r in range(n)])
+    assert all(sp.step_count == 2 for sp in ranks)
+
+
+def test_rotation_spreads_the_leaders_of_one_iteration_over_the_ranks():
+    """n buckets (sparsifiers with rotation 0..n-1), one step each: every rank plans exactly once."""
+    n = 4
+    leaders = []
+    buckets = []
+    for index in range(n):
+        ranks = _ranks("deft", n)
+        for r, sp in enumerate(ranks):
+            sp.rotation = index
+            sp.plan = (lambda plan, r: lambda *a: (leaders.append(r), plan(*a))[1])(sp.plan, r)
+        buckets.append(ranks)
+    for step in range(2):
+        leaders.clear()
+        for ranks in buckets:
+            _run(ranks, [_grad(r, step) for r in range(n)])
+        assert sorted(leaders) == list(range(n)), (step, leaders)
 
 
 def test_lockstep_refuses_ranks_that_fall_out_of_step():
@@ -302,7 +370,7 @@ def test_exchange_queue_runs_programs_one_at_a_time_in_submission_order():
     assert comm.most_outstanding == 1
 
 
-def test_exchange_queue_hands_a_program_its_error_and_goes_on():
+def test_exchange_queue_stops_after_a_program_raises():
     comm = _SlowCollectives()
     queue = ExchangeQueue(comm)
 
@@ -313,9 +381,57 @@ def test_exchange_queue_hands_a_program_its_error_and_goes_on():
     first = queue.submit(failing(), torch.device("cpu"))
     second = queue.submit(_program(8, 2), torch.device("cpu"))
     queue.wait_idle()
+    third = queue.submit(_program(9, 1), torch.device("cpu"))
     with pytest.raises(ValueError, match="bad bucket"):
         first.wait()
-    assert second.wait() == (8, 10)
+    for later in (second, third):
+        with pytest.raises(RuntimeError, match="earlier step in this exchange failed .*bad bucket"):
+            later.wait()
+    assert comm.issued == [(7, 0)]  # neither later program issued a collective
+
+
+class _RecordingFuture:
+    """A fake collective's future: records whether its result was taken with ``wait()`` (the stream
+    rule: on NCCL only ``wait()`` orders the current stream after the collective) or ``value()``."""
+
+    def __init__(self, result, done: bool) -> None:
+        self.result, self._done, self.calls, self.callbacks = result, done, [], []
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self):
+        self.calls.append("wait")
+        return self.result
+
+    def value(self):
+        self.calls.append("value")
+        return self.result
+
+    def then(self, callback):
+        self.callbacks.append(callback)
+
+    def complete(self) -> None:
+        self._done = True
+        for callback in self.callbacks:
+            callback(self)
+
+
+@pytest.mark.parametrize("done", [True, False])  # done at once (NCCL: enqueued), or later (gloo's thread)
+def test_exchange_queue_takes_every_result_with_wait(done):
+    futures = []
+
+    class Collectives:
+        def start(self, request):
+            futures.append(_RecordingFuture(request.tensor * 10, done))
+            return futures[-1]
+
+    queue = ExchangeQueue(Collectives())
+    result = queue.submit(_program(3, 2), torch.device("cpu"))
+    while not done and not result.done():
+        futures[-1].complete()
+    assert result.wait() == (3, 10)
+    assert [f.calls for f in futures] == [["wait"], ["wait"]]
 
 
 # ---- transfers ----
@@ -326,3 +442,112 @@ def test_to_host_counts_one_read_per_call_and_leaves_host_tensors_alone():
     before = HOST_READS.count
     out = to_host(a, b)
     assert HOST_READS.count == before + 1 and out[0] is a and out[1] is b
+
+
+# ---- per-step work (issue 18) ----
+
+
+def test_header_row_is_uploaded_in_one_piece(monkeypatch):
+    from deft_kernels.driver import program
+
+    uploads = []
+    monkeypatch.setattr(program, "to_device", lambda t, device: (uploads.append(t), t)[1])
+    row = program._header_row(3, 5, torch.tensor([True, False, True]), torch.device("cpu"))
+    assert row.tolist() == [3, 5, 1, 0, 1] and len(uploads) == 1
+
+
+def test_proposals_travel_as_int32_below_2_to_the_31_elements():
+    n = 2
+    ranks = _ranks("topk", n)
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    logs = [[] for _ in range(n)]
+    results = _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+    for log, res in zip(logs, results):
+        (gather,) = [e for e in log if e[0] == "GatherProposals"]
+        assert gather[1] == torch.int32
+        assert res.sent.dtype == torch.int64 and res.stats.bytes_sent == 4 * res.stats.selected + 4 * res.stats.sent
+
+
+@pytest.mark.parametrize("name", ["deft", "topk", "cltk", "dense"])
+def test_step_writes_its_output_into_the_given_buffer(name):
+    sp = _build(name)
+    step_program_run = lambda g, out: run_lockstep([step_program(sp, g, sizes=SIZES, out=out)])[0]
+    step_program_run(_grad(0, 0), None)
+    buffer = _grad(0, 1)
+    expect = _build(name)
+    expect.load_state_dict(sp.state_dict())
+    reference_out = run_lockstep([step_program(expect, _grad(0, 1), sizes=SIZES)])[0].out
+    result = step_program_run(buffer, buffer)  # the DDP hook passes the bucket as grad and out
+    assert result.out is buffer and torch.equal(buffer, reference_out)
+
+
+@pytest.mark.parametrize("dtype, in_place", [(torch.float32, True), (torch.bfloat16, False)])
+def test_warm_up_mean_all_reduces_fp32_in_place(dtype, in_place):
+    tensors = [_grad(r, 0).to(dtype) for r in range(3)]
+    expect = (torch.stack([t.float() for t in tensors]).sum(0) / 3).to(dtype)
+    results = run_lockstep([driver.mean_program(t, rank=r, world_size=3, in_place=True)
+                            for r, t in enumerate(tensors)])
+    for t, res in zip(tensors, results):
+        assert torch.equal(res.out, expect) and res.out is t  # 16-bit: through an fp32 copy, back into t
+    allreduced = []
+
+    def watch(program):
+        request = next(program)
+        allreduced.append(request.tensor)
+        try:
+            program.send(request.tensor * 2)
+        except StopIteration:
+            pass
+
+    t = tensors[0].clone()
+    watch(driver.mean_program(t, world_size=2, in_place=True))
+    assert (allreduced[0] is t) == in_place
+
+
+def test_unused_tensor_bounds_are_computed_once():
+    from deft_kernels.sparsifiers.base import Layout
+
+    layout = Layout(2, (3, 0, 5), torch.float32, torch.device("cpu"))
+    assert layout.bounds == [0, 3, 3, 8] and layout.bounds is layout.bounds
+
+
+def test_deft_decode_plan_makes_no_nonzero_call_per_bin(monkeypatch):
+    n = 8
+    ranks = _ranks("deft", n, density=0.3)
+    _run(ranks, [_grad(r, 0) for r in range(n)])
+    sp = ranks[0]
+    acc = _grad(0, 5)
+    plan = sp.plan(acc, reference.accumulate_norms(torch.zeros_like(acc), acc.clone(), sp.offsets), sp.offsets, n, 1)
+    calls = []
+    real = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    back = sp.decode_plan(sp.encode_plan(plan), sp.offsets, n)
+    assert not calls
+    assert all(torch.equal(a, b) for a, b in zip(back.bins, plan.bins)) and torch.equal(back.common, plan.common)
+
+
+def test_broadcast_names_its_source_without_group_src(monkeypatch):
+    """``dist.broadcast(group_src=...)`` needs torch >= 2.6; pyproject allows 2.5, whose broadcast
+    takes the global rank ``src``: the group rank is mapped to it."""
+    from deft_kernels.driver import collectives
+
+    calls = []
+
+    class Work:
+        def get_future(self):
+            fut = torch.futures.Future()
+            fut.set_result(None)
+            return fut
+
+    def broadcast_2_5(tensor, src, group=None, async_op=False):  # torch 2.5's signature
+        calls.append((src, group))
+        return Work()
+
+    group = object()
+    monkeypatch.setattr(collectives.dist, "broadcast", broadcast_2_5)
+    monkeypatch.setattr(collectives.dist, "get_global_rank", lambda g, r: 10 + r)
+    comm = object.__new__(collectives.TorchCollectives)
+    comm.group, comm.rank, comm.world_size = group, 0, 2
+    t = torch.zeros(3)
+    assert comm.start(Broadcast(t, 1)).wait() is t
+    assert calls == [(11, group)]

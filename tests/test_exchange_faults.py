@@ -3,8 +3,9 @@
 - fp16 averages must not overflow: the sum travels in fp32 and is divided by ``n`` before it is
   rounded to fp16 (4 ranks holding 40000 average to 40000, not ``inf``), on every sparsifier, in the
   plain API and in the DDP hook;
-- a rank whose input turns bad after the first step (a longer gradient, another dtype) makes every
-  rank raise at once, naming the rank and the cause, and the ranks stay in step afterwards;
+- a rank whose input turns bad after the first step (a longer gradient, another dtype), or whose
+  own plan, selection or packing raises, makes every rank raise at once, naming the rank and the
+  cause, and the ranks stay in step afterwards (in the DDP hook, the queue starts no further bucket);
 - with DDP's ``find_unused_parameters=True``, nothing of a residual is lost on parameters that no
   rank used in an iteration (DDP discards the hook's output there).
 
@@ -15,6 +16,7 @@ asserts.
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from deft_kernels import DeftState, GradientSparsifier, deft_hook
-from deft_kernels.sparsifiers import SPARSIFIERS, build
+from deft_kernels import DeftState, GradientSparsifier, deft_hook, driver
+from deft_kernels.sparsifiers import DEFT, SPARSIFIERS, build
 
 from multiproc import gloo_rank, run
 
@@ -51,7 +53,7 @@ def _spiky_fp16(numel: int) -> torch.Tensor:
 def _fp16_worker(rank, world_size, out_dir):
     seen = {}
     for name in sorted(SPARSIFIERS):  # one step: the residual starts at zero, nothing piles up
-        seen[name] = _sparsifier(name, 0.1).step(_spiky_fp16(400), sizes=[100, 300])[0]
+        seen[name] = driver.step(_sparsifier(name, 0.1), _spiky_fp16(400), sizes=[100, 300])[0]
     # The plain API and the hook on an fp16 model whose weight gradient is the spiky vector.
     for api in ("plain", "hook"):
         model = nn.Linear(64, 1, bias=False).half()
@@ -103,7 +105,7 @@ def _bad_input_worker(rank, world_size, out_dir):
     for name in sorted(SPARSIFIERS):
         for bad_rank, how, _ in BAD_INPUTS:
             sp = _sparsifier(name, 0.05)
-            sp.step(_grad(rank, 0), sizes=SIZES)
+            driver.step(sp, _grad(rank, 0), sizes=SIZES)
             g = _grad(rank, 1)
             sizes = SIZES
             if rank == bad_rank and how == "longer":
@@ -112,7 +114,7 @@ def _bad_input_worker(rank, world_size, out_dir):
                 g = g.half()
             start = time.monotonic()
             try:
-                sp.step(g, sizes=sizes)
+                driver.step(sp, g, sizes=sizes)
                 error = "no error"
             except Exception as e:  # noqa: BLE001 -- the parent checks which
                 error = f"{type(e).__name__}: {e}"
@@ -180,7 +182,7 @@ def _unused_worker(rank, world_size, out_dir):
             p.register_hook(_adding_to(acc))
         net = DDP(model, find_unused_parameters=True)
         extra = {"threshold": 0.02} if name == "threshold" else {}  # low enough to send part of the rare branch
-        state = DeftState(sparsifier=name, density=0.2, warmup_steps=1, **extra)
+        state = DeftState(sparsifier=name, density=0.2, warmup_steps=1, find_unused_parameters=True, **extra)
         order = {}
 
         def hook(state, bucket, order=order):
@@ -220,3 +222,95 @@ def test_ddp_unused_parameters_lose_no_residual(tmp_path):
             assert torch.equal(ranks[0][name]["applied"][i], ranks[1][name]["applied"][i]), (name, i)
             lost += float((given - kept).abs().sum())
         assert lost < 1e-4, (name, lost)
+
+
+# ---- a rank whose own work fails (plan, select, pack) ----
+
+POINTS = ("plan", "select", "pack")
+FAULTY_RANK, FAULTY_STEP = 1, 1  # at the sparsifier's step 1 rank 1 leads (bucket 0 in the hook)
+
+
+class _Faulty(DEFT):
+    """DEFT whose plan, selection or packing raises on rank 1 at its step 1: the stand-in for an
+    out-of-memory error or a failed launch on one rank, whose process stays alive."""
+
+    def __init__(self, density: float, point: str) -> None:
+        super().__init__(density)
+        self.point = point
+        self.kernels = types.SimpleNamespace(**{**vars(self.kernels), "sparse_pack": self._pack})
+
+    def _fail(self, point: str) -> None:
+        if self.point == point and dist.get_rank() == FAULTY_RANK and self.step_count == FAULTY_STEP:
+            raise MemoryError(f"injected failure in {point}")
+
+    def plan(self, *args):
+        self._fail("plan")
+        return super().plan(*args)
+
+    def select(self, *args):
+        self._fail("select")
+        return super().select(*args)
+
+    def _pack(self, acc, indices):
+        self._fail("pack")
+        return DEFT.kernels.sparse_pack(acc, indices)
+
+
+@gloo_rank
+def _failing_work_worker(rank, world_size, out_dir):
+    seen = {}
+    for point in POINTS:
+        sp = _Faulty(0.05, point)  # the plain API
+        driver.step(sp, _grad(rank, 0), sizes=SIZES)
+        start = time.monotonic()
+        try:
+            driver.step(sp, _grad(rank, 1), sizes=SIZES)
+            error = "no error"
+        except Exception as e:  # noqa: BLE001 -- the parent checks which
+            error = f"{type(e).__name__}: {e}"
+        seen[("plain", point)] = (error, time.monotonic() - start)
+        dist.barrier()
+
+        torch.manual_seed(0)  # the DDP hook: two buckets; iteration 0 dense, 1 and 2 sparse
+        model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+        net = DDP(model, bucket_cap_mb=0.01)
+        state = DeftState(sparsifier=lambda d: _Faulty(d, point), density=0.05, warmup_steps=1)
+        net.register_comm_hook(state, deft_hook)
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+        for t in range(3):
+            start = time.monotonic()
+            try:
+                net(x).square().sum().backward()
+                error = "no error"
+            except Exception as e:  # noqa: BLE001 -- the parent checks which
+                error = f"{type(e).__name__}: {e}"
+            seen[("hook", point, t)] = (error, time.monotonic() - start)
+        seen[("hook", point, "buckets")] = sorted(state.sparsifiers)
+        seen[("hook", point, "steps")] = {i: sp.step_count for i, sp in state.sparsifiers.items()}
+        dist.barrier()
+    return seen
+
+
+WORDS_OF = {"plan": "the leader's plan raised", "select": "its selection raised", "pack": "packing its values raised"}
+
+
+@pytest.mark.slow
+def test_a_failure_in_one_ranks_plan_select_or_pack_stops_every_rank_at_once(tmp_path):
+    """Before the failure protocol covered them, the other ranks waited in the next collective until
+    the group's timeout (20 s here): every rank must raise within seconds, naming rank 1 and the phase;
+    in the hook the queue starts no further bucket, and every later iteration fails at once."""
+    ranks = run(_failing_work_worker, 3, tmp_path, timeout=200, group_timeout=20)
+    for rank, seen in enumerate(ranks):
+        for point in POINTS:
+            for key in (("plain", point), ("hook", point, 2)):
+                error, seconds = seen[key]
+                where = (key, rank, error)
+                if rank == FAULTY_RANK:
+                    assert "MemoryError: injected failure in " + point in error, where
+                else:
+                    assert f"another rank stopped at step 1 (rank {FAULTY_RANK}: {WORDS_OF[point]})" in error, where
+                assert seconds < 5.0, where
+            assert seen[("hook", point, 0)][0] == seen[("hook", point, 1)][0] == "no error", (rank, point)
+            # Bucket 0 failed at its step 1; the buckets after it in the queue never ran theirs.
+            steps = seen[("hook", point, "steps")]
+            assert len(steps) >= 2 and set(steps.values()) == {1}, (rank, point, steps)

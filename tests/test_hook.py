@@ -204,6 +204,10 @@ def test_deft_state_rejects_bad_arguments():
         DeftState(sparsifier=lambda density: object())
     with pytest.raises(TypeError, match="process_group"):
         DeftState(process_group="gloo")
+    with pytest.raises(TypeError, match="grad_scaler must be None or a torch.amp.GradScaler"):
+        DeftState(grad_scaler="scaler")
+    with pytest.raises(TypeError, match="find_unused_parameters must be a bool"):
+        DeftState(find_unused_parameters=1)
     state = DeftState(warmup_steps=2)
     with pytest.raises(ValueError, match="state_dict"):
         state.load_state_dict({"iter": 3})
@@ -230,3 +234,24 @@ def test_deft_state_pickles_without_process(seed):
     fresh = DeftState(sparsifier="topk", density=0.1, warmup_steps=3)
     fresh.load_state_dict(torch.load(buf))
     assert fresh.iter == 5
+
+
+class _Bucket:
+    """The parts of a GradBucket that the state's bookkeeping reads."""
+
+    def __init__(self, params):
+        self._params = params
+
+    def parameters(self):
+        return self._params
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_tensor_hooks_only_with_find_unused_parameters(find_unused):
+    """Without find_unused_parameters every parameter is used in every iteration (DDP's rule), so the
+    state registers no tensor hook: nothing runs per parameter per step."""
+    params = [torch.zeros(3, requires_grad=True) for _ in range(4)]
+    state = DeftState(warmup_steps=2, find_unused_parameters=find_unused)
+    state._begin_bucket(_Bucket(params))
+    assert len(state._tensor_hooks) == (len(params) if find_unused else 0)
+    assert state._new_sparsifier(3).rotation == 3  # each bucket's leader is offset by its index

@@ -36,7 +36,8 @@ def _train(ddp_kwargs, batches, model=None, micro_batches=1):
     backward passes per step, all but the last under ``no_sync``. Returns (parameters, state)."""
     model = model if model is not None else _WithUnusedHead().body
     ddp = DDP(model, bucket_cap_mb=BUCKET_CAP_MB, **ddp_kwargs)
-    state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP)
+    state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=WARMUP,
+                      find_unused_parameters=ddp_kwargs.get("find_unused_parameters", False))
     ddp.register_comm_hook(state, deft_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in batches:

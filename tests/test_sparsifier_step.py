@@ -4,7 +4,7 @@ state round trip and the input checks. Multi-process behaviour is in tests/test_
 import pytest
 import torch
 
-from deft_kernels import reference
+from deft_kernels import driver, reference
 from deft_kernels.sparsifiers import SPARSIFIERS, TopK, build
 
 KWARGS = {"threshold": {"threshold": 0.5}}  # constructor arguments beyond the density
@@ -16,7 +16,7 @@ def test_topk_step_sends_the_top_k_and_conserves_the_accumulated_gradient(seed):
     for _ in range(3):
         g = torch.randn(1000, generator=gen)
         acc = g + (s.residual if s.residual is not None else 0)
-        out, stats = s.step(g, sizes=[600, 400])
+        out, stats = driver.step(s, g, sizes=[600, 400])
         expect = reference.segmented_topk(acc, torch.tensor([0, 1000]), torch.tensor([50]))
         assert torch.equal(torch.nonzero(out).flatten(), expect)
         assert torch.equal(out + s.residual, acc)  # exact: every element is either sent or kept
@@ -26,7 +26,7 @@ def test_topk_step_sends_the_top_k_and_conserves_the_accumulated_gradient(seed):
 
 def test_dense_step_returns_the_gradient_without_residual(seed):
     g = torch.randn(100, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    out, stats = build("dense", 1.0).step(g)
+    out, stats = driver.step(build("dense", 1.0), g)
     assert torch.equal(out, g) and stats.density == 1.0
 
 
@@ -35,20 +35,20 @@ def test_state_dict_round_trip_continues_exactly(seed, name):
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(500, generator=gen) for _ in range(4)]
     straight, resumed = build(name, 0.1, **KWARGS.get(name, {})), build(name, 0.1, **KWARGS.get(name, {}))
-    outs = [straight.step(g)[0] for g in grads]
+    outs = [driver.step(straight, g)[0] for g in grads]
     for g in grads[:2]:
-        resumed.step(g)
+        driver.step(resumed, g)
     fresh = build(name, 0.1, **KWARGS.get(name, {}))
     fresh.load_state_dict(resumed.state_dict())
     assert fresh.step_count == 2
-    assert all(torch.equal(fresh.step(g)[0], o) for g, o in zip(grads[2:], outs[2:]))
+    assert all(torch.equal(driver.step(fresh, g)[0], o) for g, o in zip(grads[2:], outs[2:]))
 
 
 @pytest.mark.parametrize("match, call", [
-    ("grad must be a float tensor", lambda s: s.step(torch.zeros(10, dtype=torch.int64))),
-    ("grad must be a flat 1-D", lambda s: s.step(torch.zeros(2, 5))),
-    ("grad must be a torch.Tensor", lambda s: s.step([0.0] * 10)),
-    ("sizes must .* sum to grad.numel", lambda s: s.step(torch.zeros(10), sizes=[4, 4])),
+    ("grad must be a float tensor", lambda s: driver.step(s, torch.zeros(10, dtype=torch.int64))),
+    ("grad must be a flat 1-D", lambda s: driver.step(s, torch.zeros(2, 5))),
+    ("grad must be a torch.Tensor", lambda s: driver.step(s, [0.0] * 10)),
+    ("sizes must .* sum to grad.numel", lambda s: driver.step(s, torch.zeros(10), sizes=[4, 4])),
 ])
 def test_bad_step_input_names_the_argument(match, call):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -57,11 +57,11 @@ def test_bad_step_input_names_the_argument(match, call):
 
 def test_layout_change_between_steps_is_an_error():
     s = TopK(0.1)
-    s.step(torch.ones(10), sizes=[5, 5])
+    driver.step(s, torch.ones(10), sizes=[5, 5])
     with pytest.raises(ValueError, match="layout"):
-        s.step(torch.ones(10), sizes=[4, 6])
+        driver.step(s, torch.ones(10), sizes=[4, 6])
     with pytest.raises(ValueError, match="earlier steps were"):
-        s.step(torch.ones(10, dtype=torch.float16), sizes=[5, 5])
+        driver.step(s, torch.ones(10, dtype=torch.float16), sizes=[5, 5])
 
 
 @pytest.mark.parametrize("density", [0.0, -0.1, 1.5, "0.1"])

@@ -1,0 +1,110 @@
+"""16-bit gradients and AMP: the residual's dtype (fp32 by default for 16-bit gradients) and the loss
+scale of a ``torch.amp.GradScaler`` (the residual holds unscaled values; a step the scaler skips
+leaves it as it was). In one process, a world of one; the DDP hook shares the code path
+(``DeftState(grad_scaler=...)``, ``deft_kernels._integration.undo_if_skipped``)."""
+
+import pytest
+import torch
+from torch import nn
+
+from deft_kernels import GradientSparsifier, driver
+from deft_kernels.sparsifiers import build
+
+
+@pytest.mark.parametrize("grad_dtype, residual_dtype, expect", [
+    (torch.bfloat16, None, torch.float32), (torch.float16, None, torch.float32),
+    (torch.float32, None, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
+def test_residual_dtype_defaults_to_fp32_for_16_bit_gradients(grad_dtype, residual_dtype, expect):
+    sp = build("topk", 0.1, residual_dtype=residual_dtype)
+    out, _ = driver.step(sp, torch.randn(50).to(grad_dtype))
+    assert sp.residual.dtype == expect and out.dtype == grad_dtype
+
+
+def test_residual_dtype_rejects_a_non_float_dtype():
+    with pytest.raises(ValueError, match="residual_dtype must be"):
+        build("deft", 0.1, residual_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("residual_dtype, kept", [(None, True), (torch.bfloat16, False)])
+def test_small_bf16_gradients_pile_up_in_an_fp32_residual(residual_dtype, kept):
+    """Element 1 holds 1.0 in the residual and gets 1e-3 per step, never sent (element 0 always wins
+    the one slot): an fp32 residual reaches 1.05 after 50 steps; a bf16 one (8 mantissa bits, a
+    step of 2^-7 at 1.0) drops every 1e-3 and stays at 1.0."""
+    sp = build("topk", 0.01, residual_dtype=residual_dtype)  # k = 1 of 100
+    g = torch.zeros(100)
+    g[0], g[1] = 100.0, 1.0
+    driver.step(sp, g.bfloat16())
+    g[1] = 1e-3
+    for _ in range(50):
+        driver.step(sp, g.bfloat16())
+    expect = 1.0 + 50 * float(torch.tensor(1e-3).bfloat16())
+    assert (abs(float(sp.residual[1]) - expect) < 1e-4) == kept, float(sp.residual[1])
+
+
+def test_grad_scaler_residual_is_unscaled_and_untouched_on_a_skipped_step():
+    """fp32 parameters, loss scaled by a CPU GradScaler whose scale doubles after every good step
+    (growth_interval=1) and halves on an overflow (an inf planted in one gradient at step 3). Over the
+    run: the sum of the unscaled gradients of the good steps == what the optimizer applied + the
+    residual left (nothing lost, nothing counted twice, whatever the scale was), and the skipped step
+    left the residual exactly as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = list(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
+    gs = GradientSparsifier(model, sparsifier="topk", density=0.2, grad_scaler=scaler)
+    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the parameters, hence the gradients, stay put
+    given = [torch.zeros_like(p) for p in params]
+    applied = [torch.zeros_like(p) for p in params]
+    scales, overflow = [], 3
+    for t in range(7):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        scale = scaler.get_scale()
+        scales.append(scale)
+        if t == overflow:
+            params[0].grad[0, 0] = float("inf")
+            (sp,) = gs.sparsifiers
+            before = sp.residual.clone()
+        else:
+            for acc, p in zip(given, params):
+                acc += p.grad / scale
+        gs.step()
+        if t == overflow:
+            assert torch.equal(sp.residual, before)
+        scaler.unscale_(opt)
+        if t != overflow:
+            for acc, p in zip(applied, params):
+                acc += p.grad
+        scaler.step(opt)
+        scaler.update()
+    assert scales == [256.0, 512.0, 1024.0, 2048.0, 1024.0, 2048.0, 4096.0], scales  # grows, overflows
+    (sp,) = gs.sparsifiers
+    total_given = torch.cat([g.flatten() for g in given])
+    total_kept = torch.cat([a.flatten() for a in applied]) + sp.residual
+    assert float(sp.residual.abs().sum()) > 0
+    torch.testing.assert_close(total_kept, total_given, rtol=0, atol=1e-5)
+
+
+def test_a_skipped_step_takes_back_the_other_steps_of_its_iteration():
+    """Two buckets (or dtype groups) in one iteration with a loss scale; the second one's gradient
+    holds an inf, so the scaler skips the optimizer step: the first one's residual update is taken
+    back too (its output is discarded with the rest)."""
+    from deft_kernels._integration import undo_if_skipped
+
+    sps = [build("deft", 0.1), build("deft", 0.1)]
+    for sp in sps:
+        driver.run_step(sp, torch.randn(100), loss_scale=4.0)
+    before = [sp.residual.clone() for sp in sps]
+    bad = torch.randn(100)
+    bad[7] = float("inf")
+    results = [driver.run_step(sp, g, loss_scale=4.0) for sp, g in zip(sps, [torch.randn(100), bad])]
+    assert [r.skipped for r in results] == [False, True]
+    assert not torch.equal(sps[0].residual, before[0]) and torch.equal(sps[1].residual, before[1])
+    assert undo_if_skipped(list(zip(sps, results)))
+    assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))
+
+
+def test_grad_scaler_argument_is_checked():
+    with pytest.raises(TypeError, match="grad_scaler must be None or a torch.amp.GradScaler"):
+        GradientSparsifier(nn.Linear(2, 2), grad_scaler=2.0)
