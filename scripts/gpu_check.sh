@@ -11,6 +11,8 @@
 #                tests/test_cxx_runtime.py (the module's C++ runtime bindings)
 #   bench        bench/bench_gpu.py: correctness, then timings against torch and issue 9's targets
 #   integration  bench/gpu_integration.py: DDP hook and GradientSparsifier on CUDA, gloo x2 and NCCL x1
+#                (the hook's NCCL path, where the stream rule of docs/exchange.md applies: results
+#                taken with Future.wait(); one GPU allows one NCCL rank, NCCL refuses two on a device)
 #   deft-bench   the worker-count benchmark on CUDA: ResNet-50, then GPT-2 small if time is left
 # Writes at most 7 files into OUTDIR: gpu_check.log (everything printed, and the stage summary at
 # its end), build.log, tests.log, bench_gpu.json, integration.json, worker_count_<model>_cuda.json.
