@@ -1,6 +1,9 @@
 """Convergence at density 1% against dense training: a small MLP on scikit-learn's bundled digits.
 
     python bench/convergence.py                      # 4 gloo processes on CPU, every registered sparsifier
+    python bench/convergence.py --dtype bfloat16 --residual-dtypes float32,bfloat16 \
+        --sparsifiers dense,topk,deft --out bench/results/convergence_digits_bf16
+                                                     # bf16 model, both residual dtypes (issue 18)
 
 Each sparsifier trains the same model from the same initial weights on the same data in the same order
 through the DDP hook (``DeftState`` + ``deft_hook``, the product's headline path), with the same
@@ -15,7 +18,9 @@ epoch); ``--epochs`` (default 25). HardThreshold sends every |a| >= lambda (``--
 0.01). How it was picked: in a dense run of this setup, the 99th percentile of one worker's |g| over
 steps 20-59 was 0.0017 on average and 0.025 at most; error feedback makes |a| grow past |g|, so
 lambda sits between the two. It is not tuned per run: the density it actually reaches is in the
-table. Results go to bench/results/convergence_digits.{json,txt}.
+table. ``--dtype bfloat16`` trains a bf16 model (bf16 gradients); ``--residual-dtypes`` runs each
+sparsifier once per residual dtype (``auto``: the default, fp32 for 16-bit gradients). Results go
+to bench/results/convergence_digits.{json,txt}.
 """
 
 from __future__ import annotations
@@ -64,12 +69,16 @@ def sparsifier_kwargs(name: str, args) -> dict:
     return {"threshold": args.threshold} if name == "threshold" else {}
 
 
-def train_one(name: str, rank: int, world_size: int, args, data) -> dict:
-    x_train, y_train, x_test, y_test = data
-    model = build_model(args.seed)
+def train_one(run: str, rank: int, world_size: int, args, data) -> dict:
+    name, _, residual = run.partition(":")
+    dtype = getattr(torch, args.dtype)
+    x_train, y_train, x_test, y_test = (t.to(dtype) if t.is_floating_point() else t for t in data)
+    model = build_model(args.seed).to(dtype)
     ddp = DDP(model)
-    state = DeftState(sparsifier=name, density=args.density, warmup_steps=args.warmup,
-                      **sparsifier_kwargs(name, args))
+    kwargs = sparsifier_kwargs(name, args)
+    if residual not in ("", "auto"):
+        kwargs["residual_dtype"] = getattr(torch, residual)
+    state = DeftState(sparsifier=name, density=args.density, warmup_steps=args.warmup, **kwargs)
     ddp.register_comm_hook(state, deft_hook)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     per_rank = args.batch // world_size
@@ -80,14 +89,16 @@ def train_one(name: str, rank: int, world_size: int, args, data) -> dict:
         for b in range(len(perm) // args.batch):
             idx = perm[b * args.batch + rank * per_rank: b * args.batch + (rank + 1) * per_rank]
             opt.zero_grad()
-            F.cross_entropy(ddp(x_train[idx]), y_train[idx]).backward()
+            F.cross_entropy(ddp(x_train[idx]).float(), y_train[idx]).backward()
             opt.step()
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        train_loss = F.cross_entropy(model(x_train), y_train).item()
+        train_loss = F.cross_entropy(model(x_train).float(), y_train).item()
         test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
     stats = state.compression_stats()
-    return {"sparsifier": name, "train_loss": train_loss, "test_acc": test_acc, "density_sent": stats["density"],
+    residual_dtype = next((str(sp.residual.dtype).removeprefix("torch.") for sp in state.sparsifiers.values()
+                           if sp.residual is not None), "-")
+    return {"sparsifier": name, "residual": residual_dtype, "train_loss": train_loss, "test_acc": test_acc, "density_sent": stats["density"],
             "sparse_steps": stats["steps"], "steps": state.iter, "seconds": seconds}
 
 
@@ -136,10 +147,11 @@ def write_results(text: str, command: str, args, rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["sparsifier"] == "dense"), None)
-    lines = [f"{'sparsifier':<10} {'train loss':>10} {'test acc':>9} {'vs dense':>9} {'density sent':>13} {'time s':>7}"]
+    lines = [f"{'sparsifier':<10} {'residual':>9} {'train loss':>10} {'test acc':>9} {'vs dense':>9} "
+             f"{'density sent':>13} {'time s':>7}"]
     for r in rows:
         delta = f"{100 * (r['test_acc'] - dense['test_acc']):+.1f} pt" if dense else "-"
-        lines.append(f"{r['sparsifier']:<10} {r['train_loss']:>10.4f} {100 * r['test_acc']:>8.1f}% {delta:>9} "
+        lines.append(f"{r['sparsifier']:<10} {r['residual']:>9} {r['train_loss']:>10.4f} {100 * r['test_acc']:>8.1f}% {delta:>9} "
                      f"{r['density_sent']:>13.4f} {r['seconds']:>7.1f}")
     return "\n".join(lines)
 
@@ -156,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sparsifiers", default=",".join(n for n in ORDER if n in SPARSIFIERS),
                    help="comma-separated names (default: every registered one)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
+    p.add_argument("--residual-dtypes", default="auto",
+                   help="comma-separated residual dtypes to run each sparsifier with (auto, float32, bfloat16)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before the workers are killed")
     p.add_argument("--out", default=str(RESULTS / "convergence_digits"), help="path without extension")
     args = p.parse_args(argv)
@@ -165,11 +180,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--sparsifiers: unknown {unknown}; registered: {sorted(SPARSIFIERS)}")
     if args.workers < 1 or args.batch % args.workers:
         p.error("--workers must be >= 1 and divide --batch")
+    residuals = [r.strip() for r in args.residual_dtypes.split(",") if r.strip()]
+    if not residuals or any(r not in ("auto", "float32", "bfloat16") for r in residuals):
+        p.error(f"--residual-dtypes: each must be auto, float32 or bfloat16, got {args.residual_dtypes!r}")
+    # Dense keeps no residual: it runs once.
+    runs = [n if n == "dense" else f"{n}:{r}" for n in names for r in (residuals if n != "dense" else ["auto"])]
 
-    rows = run_workers(train_one, args.workers, args.timeout, args, names)
+    rows = run_workers(train_one, args.workers, args.timeout, args, runs)
     command = "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# {command.strip()}\n# digits, MLP 64-256-128-10 (50,826 params), {args.workers} gloo workers (CPU), "
-              f"density {args.density}, {args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
+              f"{args.dtype}, density {args.density}, {args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
               f"dense steps, HardThreshold lambda {args.threshold}, seed {args.seed}\n")
     write_results(header + table(rows) + "\n", command, args, rows)
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from deft_kernels import driver
 from deft_kernels.benchmarks import layouts
 from deft_kernels.sparsifiers import build
 
@@ -56,7 +57,7 @@ def rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, o
         rows = []
         for name in args.sparsifiers:
             s = build(name, args.density)
-            stats = [s.step(g, sizes=sizes)[1] for g in grads]
+            stats = [driver.step(s, g, sizes=sizes)[1] for g in grads]
             rows.append({"sparsifier": name, "workers": world_size, "numel": sum(sizes),
                          "requested": args.density, "densities": [st.density for st in stats],
                          "t_select_ms": 1e3 * sum(st.t_select for st in stats) / len(stats)})

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deft_kernels import sparsifiers
+from deft_kernels import driver, sparsifiers
 from deft_kernels.benchmarks import worker_count as bench
 
 
@@ -63,7 +63,7 @@ def rank_main(rank: int, world_size: int, port: int, shard_dir: str, shards: int
             steps = []
             for step in range(warmup + repeats):
                 dist.barrier()  # ranks start each step together, as after a synchronous backward
-                _, stats = sp.step(grad, sizes=sizes)
+                _, stats = driver.step(sp, grad, sizes=sizes)
                 if step >= warmup:
                     steps.append({"t_select": stats.t_select, "sent": stats.sent, "selected": stats.selected})
             records[name] = steps
