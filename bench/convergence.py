@@ -98,7 +98,8 @@ def train_one(run: str, rank: int, world_size: int, args, data) -> dict:
     stats = state.compression_stats()
     residual_dtype = next((str(sp.residual.dtype).removeprefix("torch.") for sp in state.sparsifiers.values()
                            if sp.residual is not None), "-")
-    return {"sparsifier": name, "residual": residual_dtype, "train_loss": train_loss, "test_acc": test_acc, "density_sent": stats["density"],
+    return {"sparsifier": name, "residual": residual_dtype, "train_loss": train_loss,
+            "test_acc": test_acc, "density_sent": stats["density"],
             "sparse_steps": stats["steps"], "steps": state.iter, "seconds": seconds}
 
 
@@ -151,7 +152,8 @@ def table(rows: list[dict]) -> str:
              f"{'density sent':>13} {'time s':>7}"]
     for r in rows:
         delta = f"{100 * (r['test_acc'] - dense['test_acc']):+.1f} pt" if dense else "-"
-        lines.append(f"{r['sparsifier']:<10} {r['residual']:>9} {r['train_loss']:>10.4f} {100 * r['test_acc']:>8.1f}% {delta:>9} "
+        lines.append(f"{r['sparsifier']:<10} {r['residual']:>9} "
+                     f"{r['train_loss']:>10.4f} {100 * r['test_acc']:>8.1f}% {delta:>9} "
                      f"{r['density_sent']:>13.4f} {r['seconds']:>7.1f}")
     return "\n".join(lines)
 
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_workers(train_one, args.workers, args.timeout, args, runs)
     command = "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# {command.strip()}\n# digits, MLP 64-256-128-10 (50,826 params), {args.workers} gloo workers (CPU), "
-              f"{args.dtype}, density {args.density}, {args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
+              f"{args.dtype}, density {args.density}, "
+              f"{args.epochs} epochs, global batch {args.batch}, warm-up {args.warmup} "
               f"dense steps, HardThreshold lambda {args.threshold}, seed {args.seed}\n")
     write_results(header + table(rows) + "\n", command, args, rows)
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from deft_kernels import driver, reference
-from deft_kernels.driver import AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, run_lockstep, step_program
+from deft_kernels.driver import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, run_lockstep,
+                                 step_program)
 from deft_kernels.sparsifiers import SPARSIFIERS, build
 from deft_kernels.transfer import HOST_READS, to_host
 
@@ -229,7 +230,8 @@ def test_a_failure_in_a_ranks_own_work_stops_every_rank_at_the_same_point(name, 
         if r == bad_rank:
             assert isinstance(e, _Boom), e
         else:
-            assert isinstance(e, ValueError) and str(e).startswith(f"another rank stopped at step 1 (rank {bad_rank}: "), e
+            assert isinstance(e, ValueError), e
+            assert str(e).startswith(f"another rank stopped at step 1 (rank {bad_rank}: "), e
             assert words in str(e), e
     for r, sp in enumerate(ranks):
         assert sp.step_count == 1

@@ -45,10 +45,11 @@ ranks, and the bins rotate with the same offset.
 **Unused parameters.** With ``find_unused_parameters=True`` DDP discards the hook's output for a
 parameter no rank used in the iteration; anything sent there would be lost. Given
 ``DeftState(find_unused_parameters=True)`` (the same value as DDP's; without it the state keeps no
-per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs when the parameter's gradient is computed, before DDP's own
-hooks) and passes each step the parameters this rank used since the previous exchange (under
-``no_sync``, in any of the accumulated iterations, as DDP counts them); the step exchanges these
-flags in its header, and a parameter no rank used keeps its residual whole (see :mod:`deft_kernels.driver.program`).
+per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs
+when the parameter's gradient is computed, before DDP's own hooks) and passes each step the
+parameters this rank used since the previous exchange (under ``no_sync``, in any of the accumulated
+iterations, as DDP counts them); the step exchanges these flags in its header, and a parameter no
+rank used keeps its residual whole (see :mod:`deft_kernels.driver.program`).
 In a new DDP model's first iteration the tensor hooks are registered too late to fire; when that
 iteration is sparse (resuming from a checkpoint), a parameter counts as used where its local
 gradient is not all zeros, which also keeps everything: a parameter excluded while in use gets a zero

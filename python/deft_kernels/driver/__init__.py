@@ -34,7 +34,8 @@ from .collectives import (AllGather, AllReduce, Broadcast, ExchangeQueue, Gather
                           run_blocking, run_lockstep)
 from .program import CAUSES, Laps, StepResult, mean_of_sum, mean_program, step_program, undo
 
-__all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "undo", "StepResult", "Laps", "CAUSES",
+__all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "undo", "StepResult", "Laps",
+           "CAUSES",
            "ExchangeQueue", "TorchCollectives", "run_blocking", "run_lockstep", "mean_of_sum",
            "AllGather", "AllReduce", "Broadcast", "GatherProposals"]
 

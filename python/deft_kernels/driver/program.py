@@ -3,9 +3,11 @@
 whole story; in short:
 
 **Phases.** Check the input; at the first step agree on the setup (one all-gather) and make the
-residual; ``a = g + r`` with the fragment norms; the plan (leader ``step % n``, broadcast as one
-tensor); each rank's selection; the union of the proposals and of what everyone sends anyway; the
-value all-reduce; the average, the residual update and ``observe``.
+residual; ``a = g + r`` with the fragment norms (in the residual, or in a spare buffer where the
+residual has another dtype or there is a loss scale); the plan (leader ``(step + rotation) % n``,
+broadcast as one tensor with a status slot); each rank's selection; the union of the proposals
+(int32 on the wire below 2^31 elements) and of what everyone sends anyway; the value all-reduce with
+every rank's status block; the average written into ``out``, the residual update and ``observe``.
 
 **Header.** Every step each rank tells the others, in a small int64 row, whether it accepted its
 input (a cause code otherwise, :data:`CAUSES`), how many indices it proposes and which of its
@@ -14,12 +16,13 @@ before the plan (DEFT, whose counts follow from the plan), after the selection (
 index all-gather), or inside the value all-reduce (CLT-k and Dense: nothing else is gathered).
 
 **Failure protocol.** A rank that rejects its input (other than at the first step, which the setup
-agreement covers) does not raise at once: it takes part, with zeros of the agreed shapes, in every
-collective up to the one after which every rank has read the header, then raises its own error;
-every other rank raises when it reads the header, naming the rank and the cause. So no rank waits
-for a peer that has stopped, and the ranks stay in step for whatever comes next. The healthy ranks'
-residuals keep that step's gradient (added before the header is read; nothing is lost), and their
-step counters do not advance.
+agreement covers) or whose own work raises (accumulate, the leader's plan, select, pack) does not
+raise at once: it takes part, with zeros of the agreed shapes, in every collective up to the first
+one that carries its cause code to every rank (the header, the plan's status slot, the status block
+of the value all-reduce), then raises its own error; every other rank raises there, naming the rank
+and the cause. So no rank waits for a peer that has stopped, and the ranks stay in step for whatever
+comes next. The healthy ranks' residuals keep that step's gradient (nothing is lost), and no step
+counter advances.
 
 **Unused tensors.** A tensor that no rank used in the step (the DDP hook's ``find_unused_parameters``
 case: DDP then discards the hook's output for it) keeps its residual and gets a zero output: its
@@ -27,12 +30,15 @@ elements are restored after the exchange, so nothing sent there is lost. Where t
 before the plan, the leader also gives those fragments no budget.
 
 **Numeric rule.** Every average, sparse values and dense gradients alike: the sum over ranks in
-fp32, divided by ``n`` in fp32, one rounding to the gradient's dtype (:func:`mean_of_sum`).
+fp32, divided by ``n`` in fp32 (times the loss scale, if any), one rounding to the gradient's dtype
+(:func:`mean_of_sum`).
 
 **Sync contract.** Device data reaches the host only through :func:`deft_kernels.transfer.to_host`:
-a DEFT step reads once per rank (the leader its norms with the header, the others the header with
-the plan; the first step once more, for the setup); the plan and the header are tensors; the ops get
-host metadata. The CUDA side has not run on a GPU yet.
+a DEFT step reads twice per rank (the leader its norms with the header, the others the header with
+the plan; then every rank the status block after the value all-reduce; the first step once more,
+for the setup); the plan and the header are tensors; the ops get host metadata. Every collective's
+result is taken with ``Future.wait()`` (the stream rule, :mod:`deft_kernels.driver.collectives`).
+The CUDA side has not run on a GPU yet.
 """
 
 from __future__ import annotations

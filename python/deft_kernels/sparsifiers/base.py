@@ -6,8 +6,8 @@ layout. The step that runs it over ``torch.distributed`` (or over ``n`` ranks si
 process) is written once, in :mod:`deft_kernels.driver`; its phases call these methods:
 
 1. ``fragment_offsets`` (first step only): how the flat vector is cut into fragments.
-2. ``plan``: work the leader (``step % world_size``) does alone and every worker must share (DEFT:
-   local k and bin packing from the leader's norms; CLT-k: the leader's top-k indices; MiCRO: the
+2. ``plan``: work the leader (``(step + rotation) % world_size``) does alone and every worker must
+   share (DEFT: local k and bin packing from the leader's norms; CLT-k: the leader's top-k indices; MiCRO: the
    per-partition thresholds). ``plan_wire``, ``encode_plan`` and ``decode_plan`` say how it travels:
    one tensor of a size every rank knows in advance.
 3. ``select``: this worker's own proposal given the agreed plan, local.
@@ -16,6 +16,7 @@ process) is written once, in :mod:`deft_kernels.driver`; its phases call these m
    algorithm state may change (MiCRO's thresholds).
 
 ``plan``, ``select`` and ``always_sent`` never communicate and never change the instance's state.
+The ``step`` they (and ``proposal_counts``) receive is the step's turn, ``step_count + rotation``.
 
 Class attributes tell the driver how the step is shaped: ``header_at`` (where the per-step header
 travels, see :mod:`deft_kernels.driver`), ``disjoint_proposals`` (workers' proposals never overlap,
@@ -58,7 +59,7 @@ class StepStats:
     selected: int  # indices this worker proposed in select()
     sent: int  # size of the global index set (after union)
     numel: int  # N, length of the flat gradient
-    bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements, else int64) + fp32 values
+    bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements) + fp32 values
     t_select: float  # plan (if leader) + select
     t_comm: float  # waiting for the collectives
     t_other: float  # accumulate, union, unpack and the rest

@@ -8,7 +8,7 @@ from .topk import TopK
 
 
 class CLTK(TopK):
-    """The leader ``step % n`` selects the top ``k`` of its own accumulated gradient and broadcasts
+    """The leader ``(step + rotation) % n`` selects the top ``k`` of its own accumulated gradient and broadcasts
     the indices in the plan; every worker all-reduces its values there. No all-gather and no
     build-up (exactly ``k`` indices are sent), but the leader scans all ``N`` elements while the
     others wait. Nobody proposes anything, so the header rides on the value all-reduce

@@ -12,9 +12,9 @@ from .base import Sparsifier
 class DEFT(Sparsifier):
     """DEFT as ``docs/algorithm.md`` defines it.
 
-    The leader (``step % n``) computes the local k of every fragment from its own norms, the common
-    part and the LPT bins (:func:`deft_kernels.planning.make_plan`) and broadcasts them; every worker
-    then selects, with the leader's k, in bin ``(step + rank) % n`` only, and everyone sends the
+    The leader (``turn % n``, ``turn = step + rotation``) computes the local k of every fragment from
+    its own norms, the common part and the LPT bins (:func:`deft_kernels.planning.make_plan`) and broadcasts them; every worker
+    then selects, with the leader's k, in bin ``(turn + rank) % n`` only, and everyone sends the
     common part whole. The bins are disjoint, so the global index set has no duplicates and its size
     is exactly ``sum(k)``, whatever ``n`` is. (The paper has each worker use its own k; using the
     leader's keeps the sent count exact and every worker's view of the plan identical.)
