@@ -87,7 +87,7 @@ def test_deft_sent_density_is_its_planned_total(cli_run):
 
 @pytest.mark.parametrize("name", bench.benchable())
 def test_simulation_of_one_worker_is_the_real_step(name):
-    """n = 1 needs no communication: the simulation must send exactly what Sparsifier.step sends,
+    """n = 1 needs no communication: the simulation must send exactly what driver.step sends,
     step after step (the error feedback included)."""
     work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
     options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))

@@ -1,4 +1,4 @@
-"""Sparsifier.step over real processes (gloo on 127.0.0.1, 2 and 4 ranks) against the single-process
+"""driver.step over real processes (gloo on 127.0.0.1, 2 and 4 ranks) against the single-process
 simulation (deft_kernels.simulate, on the reference ops).
 
 One spawn per world size runs every configuration for a few steps plus the bad-input checks; the

@@ -1,5 +1,6 @@
 """The sync contract on a GPU: a DEFT step after the first synchronises with the device only inside
-deft_kernels.transfer.to_host, once per rank (docs/exchange.md). Run under
+deft_kernels.transfer.to_host, twice per rank (docs/exchange.md: the header or plan, then the status
+block of the value all-reduce). Run under
 ``torch.cuda.set_sync_debug_mode("error")``, which turns every other synchronising call (a
 ``.item()``, a blocking copy, an op whose output size depends on the data) into an error.
 
@@ -27,7 +28,7 @@ def _grads(n: int, step: int, dtype) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_deft_step_syncs_once_per_rank_and_only_in_to_host(n, dtype):
+def test_deft_step_syncs_twice_per_rank_and_only_in_to_host(n, dtype):
     ranks = [DEFT(0.01) for _ in range(n)]
     driver.simulate_step(ranks, _grads(n, 0, dtype), sizes=SIZES)  # the first step also agrees on the setup
     grads = [_grads(n, step, dtype) for step in range(1, 4)]  # uploading them synchronises
@@ -37,7 +38,7 @@ def test_deft_step_syncs_once_per_rank_and_only_in_to_host(n, dtype):
         for step_grads in grads:
             before = HOST_READS.count
             results = driver.simulate_step(ranks, step_grads, sizes=SIZES)
-            assert HOST_READS.count - before == n
+            assert HOST_READS.count - before == 2 * n
             assert all(r.out.is_cuda and r.stats.sent == results[0].stats.sent for r in results)
     finally:
         torch.cuda.set_sync_debug_mode(0)

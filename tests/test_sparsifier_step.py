@@ -1,4 +1,4 @@
-"""The shared Sparsifier.step on one process (world size 1, no torch.distributed): error feedback,
+"""The shared driver.step on one process (world size 1, no torch.distributed): error feedback,
 state round trip and the input checks. Multi-process behaviour is in tests/test_distributed.py."""
 
 import pytest
