@@ -12,7 +12,7 @@ A step program (:mod:`deft_kernels.driver.program`) yields requests and receives
 Runners:
 
 - :func:`run_blocking`: one program over torch.distributed, each collective waited for in turn
-  (the plain API, ``Sparsifier.step``).
+  (the plain API, ``driver.step``).
 - :class:`ExchangeQueue`: programs over torch.distributed, chained on the collectives' futures
   (``.then``; nothing ever waits inside a callback, which deadlocks on gloo), one program at a time
   in submission order, so that every rank issues the group's collectives in one total order (the

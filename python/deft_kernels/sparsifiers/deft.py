@@ -20,7 +20,7 @@ class DEFT(Sparsifier):
     leader's keeps the sent count exact and every worker's view of the plan identical.)
 
     The header travels before the plan (``header_at = "before_plan"``): the leader reads it with its
-    norms, the others with the plan, so a step reads device data on the host once per rank; every
+    norms, the others with the plan, so header and plan cost each rank one host read; every
     rank's proposal count follows from the plan, so no count needs exchanging.
 
     ``cost_model`` names a :data:`deft_kernels.planning.COST_MODELS` entry or is a callable
