@@ -108,3 +108,28 @@ def test_a_skipped_step_takes_back_the_other_steps_of_its_iteration():
 def test_grad_scaler_argument_is_checked():
     with pytest.raises(TypeError, match="grad_scaler must be None or a torch.amp.GradScaler"):
         GradientSparsifier(nn.Linear(2, 2), grad_scaler=2.0)
+
+
+def test_an_inf_that_is_not_sent_still_skips_the_step_on_every_rank():
+    """CLT-k at step 1: rank 1 leads and sends its own top k; rank 0's inf lies where rank 1's
+    gradient is 0, so it is not sent and the averaged values are finite. The step must still be
+    skipped on both ranks (residuals as they were, an inf in the output so that the scaler skips),
+    or the inf would stay in rank 0's residual while the optimizer applied the step."""
+    from deft_kernels.driver import run_lockstep, step_program
+
+    sps = [build("cltk", 0.05), build("cltk", 0.05)]
+    gen = torch.Generator().manual_seed(0)
+    run_lockstep([step_program(sp, torch.randn(100, generator=gen), rank=r, world_size=2, loss_scale=8.0)
+                  for r, sp in enumerate(sps)])
+    before = [sp.residual.clone() for sp in sps]
+    grads = [torch.randn(100, generator=gen) for _ in range(2)]
+    grads[1][7] = 0.0
+    before[1][7] = 0.0
+    sps[1].residual[7] = 0.0
+    grads[0][7] = float("inf")
+    results = run_lockstep([step_program(sp, g, rank=r, world_size=2, loss_scale=8.0)
+                            for r, (sp, g) in enumerate(zip(sps, grads))])
+    assert 7 not in results[0].sent.tolist()
+    assert all(r.skipped for r in results)
+    assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))
+    assert all(not bool(torch.isfinite(r.out).all()) for r in results)

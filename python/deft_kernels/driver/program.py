@@ -480,6 +480,8 @@ class _Step:
         else:
             out.zero_()
         out.index_copy_(0, sent, vals)
+        if skipped and out.numel():  # a non-finite gradient not sent: the scaler must skip this step too
+            out[0] = math.inf
         if not skipped:
             acc.index_fill_(0, sent, 0)
             for lo, hi, residual in kept:  # nobody used these tensors: DDP discards their output
@@ -582,9 +584,11 @@ class _Step:
 
     def _values(self, values, used, header, loss_scale) -> Program:
         """The value all-reduce with a status block: each rank's code in its own slot and, where the
-        header rides here, a flag per tensor (the sums: users per tensor). Returns the values to
-        write (the mean, scaled back by ``loss_scale``), the header and whether they are finite (only
-        looked at with a ``loss_scale``); raises, on every rank, when some rank stopped."""
+        header rides here, a flag per tensor (the sums: users per tensor); with a ``loss_scale``,
+        one more slot counting the ranks whose ``a`` is not finite. Returns the values to write (the
+        mean, scaled back by ``loss_scale``), the header and whether the step goes on (``False``: a
+        ``loss_scale`` step that some rank's non-finite gradient or the output makes the scaler
+        skip); raises, on every rank, when some rank stopped."""
         n, rank = self.n, self.rank
         with_header = header is None
         block = torch.zeros(n + (used.numel() if with_header else 0), dtype=torch.float32)
@@ -592,14 +596,20 @@ class _Step:
         if with_header:
             block[n:] = used
         m = values.numel()
-        total = yield AllReduce(torch.cat([values, to_device(block, values.device)]))
+        parts = [values, to_device(block, values.device)]
+        if loss_scale is not None:  # an inf the plan does not send must stop every rank's step too
+            acc = self.acc
+            parts.append((~torch.isfinite(acc).all()).float().reshape(1) if acc is not None
+                         else torch.zeros(1, device=values.device))
+        total = yield AllReduce(torch.cat(parts))
         self.laps.waited()
         vals = mean_of_sum(total[:m], n, self.sp.layout.dtype, loss_scale)
         if loss_scale is None:
             (status,), finite = to_host(total[m:]), True
         else:  # the scaler skips a step with a non-finite gradient: so does the residual
             status, finite = to_host(total[m:], torch.isfinite(vals).all())
-            finite = bool(finite)
+            finite = bool(finite) and not status[-1] > 0
+            status = status[:-1]
         if with_header:
             header = _Header.from_block(status, n)
         raise_stopped([int(c) for c in status[:n].tolist()], self.code, self.error, self.step)
