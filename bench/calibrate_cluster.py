@@ -1,15 +1,16 @@
 """Calibrate the step model's links on the emulated cluster: time gloo's all-reduce, all-gather and
 broadcast of several sizes between real processes on shaped links (deft_kernels.benchmarks.cluster,
 prefix "dkp"), then fit the per-message latency alpha and the bandwidth B of each shaped rate by
-least squares on the model's own cost formulas (deft_kernels.benchmarks.perf_model).
+least squares on the model's own cost formulas (deft_kernels.benchmarks.perf_model, gloo's algorithms).
 
     python bench/calibrate_cluster.py [--nodes 2 4] [--bandwidth 100mbit 1gbit 10gbit] [--reps 5]
 
 Every launch is one torchrun per node (one process each, one thread, gloo, ``GLOO_SOCKET_IFNAME``
 the node's veth); each collective is timed on every rank after a barrier, and a repetition's time is
-the slowest rank's. The fit pools, per rate, the ring all-reduce (``2(n-1) alpha + 2(n-1)/n S/B``)
-and the ring all-gather (``(n-1) alpha + (n-1) s/B``) of every size and both node counts;
-broadcast is predicted from the fit (the model's ``min(tree, chain)``) as a check. Writes
+the slowest rank's. The fit pools, per rate, every size and both node counts of the ring all-reduce
+(``2(n-1) alpha + 2(n-1)/n S/B``), the ring all-gather (``(n-1) alpha + (n-1) s/B``) and gloo's
+broadcast (``(n-1) (alpha + S/B)``: the root sends to each rank in turn, as measured: 3x the 2-node
+time at 4 nodes), by least squares on the times. Writes
 bench/results/calibrate_cluster.{txt,json}: every repetition of every launch, the fits, and each
 measurement next to the fitted model. Needs root and iproute2 (it stops with one line otherwise).
 """
@@ -85,22 +86,25 @@ def launch(nodes: int, bandwidth: str, cfg: dict, timeout: float) -> list[dict]:
 
 
 def features(op: str, n: int, nbytes: float) -> tuple[float, float]:
-    """(coefficient of alpha, coefficient of 1/B) of the ring form of ``op``."""
+    """(coefficient of alpha, coefficient of 1/B) of ``op`` by gloo's algorithms: ring all-reduce
+    and all-gather, broadcast from the root to each other rank in turn."""
     if op == "all_reduce":
         return 2 * (n - 1), 2 * (n - 1) / n * nbytes
-    if op == "all_gather":
+    if op in ("all_gather", "broadcast"):
         return n - 1, (n - 1) * nbytes
     raise ValueError(op)
 
 
 def fit(measurements: list[dict]) -> dict:
-    """alpha (s) and B (bytes/s) fitted to the all-reduce and all-gather medians, non-negative."""
+    """alpha (s) and B (bytes/s) fitted to the medians of all three collectives, non-negative."""
     from deft_kernels.benchmarks import perf_model as pm
 
-    pts = [m for m in measurements if m["op"] in ("all_reduce", "all_gather")]
-    # relative least squares: each point divided by its own time, so small messages weigh as much
-    feats = [tuple(f / m["median_s"] for f in features(m["op"], m["nodes"], m["bytes"])) for m in pts]
-    alpha, inv_b = pm.fit_nonnegative(feats, [1.0] * len(pts))
+    pts = measurements
+    # plain least squares on the times: the large messages, which carry a step's exchange, set B
+    # (weighting every point by its own time instead lets the small messages of 4 processes
+    # sharing 2 cores, 1-10 ms of scheduling, pull B above the shaped rate)
+    feats = [features(m["op"], m["nodes"], m["bytes"]) for m in pts]
+    alpha, inv_b = pm.fit_nonnegative(feats, [m["median_s"] for m in pts])
     return {"alpha_s": alpha, "bandwidth_Bps": 1 / inv_b if inv_b > 0 else float("inf"),
             "bandwidth_gbps": 8 / inv_b / 1e9 if inv_b > 0 else float("inf"), "points": len(pts)}
 
@@ -108,7 +112,7 @@ def fit(measurements: list[dict]) -> dict:
 def predict(op: str, n: int, nbytes: float, alpha: float, bandwidth: float) -> float:
     from deft_kernels.benchmarks import perf_model as pm
 
-    net = pm.Network(pm.Link(alpha, bandwidth))
+    net = pm.Network(pm.Link(alpha, bandwidth), library="gloo")
     return {"all_reduce": pm.all_reduce, "all_gather": pm.all_gather, "broadcast": pm.broadcast}[op](n, nbytes, net)
 
 
@@ -121,30 +125,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per launch before every node is killed")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--refit", metavar="JSON", help="no measurement: fit again the measurements of an earlier run")
     args = p.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
     from deft_kernels.benchmarks.cluster import check_available, parse_rate
     from deft_kernels.benchmarks.worker_count import machine_info
 
-    missing = check_available()
-    if missing:
-        print(f"calibrate_cluster: {missing}", file=sys.stderr)
-        return 2
     command = "python bench/calibrate_cluster.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    measurements, fits = [], {}
-    for bw in args.bandwidth:
-        sizes = list(SIZES) + ([16 << 20] if parse_rate(bw) >= 1e9 else [])
-        cfg = {"sizes": sizes, "reps": args.reps, "warmup": args.warmup}
-        for n in args.nodes:
-            start = time.time()
-            for row in launch(n, bw, cfg, args.timeout):
-                measurements.append({"bandwidth": bw, "nodes": n, **row, "median_s": statistics.median(row["seconds"])})
-            print(f"calibrate_cluster: {bw} n={n} in {time.time() - start:.0f} s", file=sys.stderr)
+    if args.refit:
+        earlier = json.loads(Path(args.refit).read_text())
+        measurements, machine = earlier["measurements"], earlier["machine"]
+        command = f"{earlier['command']}  (refitted: {command})"
+        date = earlier.get("date", "")
+    else:
+        missing = check_available()
+        if missing:
+            print(f"calibrate_cluster: {missing}", file=sys.stderr)
+            return 2
+        machine, measurements = machine_info("cpu"), []
+        date = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+        for bw in args.bandwidth:
+            sizes = list(SIZES) + ([16 << 20] if parse_rate(bw) >= 1e9 else [])
+            cfg = {"sizes": sizes, "reps": args.reps, "warmup": args.warmup}
+            for n in args.nodes:
+                start = time.time()
+                for row in launch(n, bw, cfg, args.timeout):
+                    measurements.append({"bandwidth": bw, "nodes": n, **row,
+                                         "median_s": statistics.median(row["seconds"])})
+                print(f"calibrate_cluster: {bw} n={n} in {time.time() - start:.0f} s", file=sys.stderr)
+    fits = {}
+    for bw in dict.fromkeys(m["bandwidth"] for m in measurements):
         fits[bw] = fit([m for m in measurements if m["bandwidth"] == bw])
         fits[bw]["set_gbps"] = parse_rate(bw) / 1e9
-    lines = [command, f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; gloo, one process per node, one thread; "
-             "median of the slowest rank over the repetitions", "",
+    lines = [command, f"{date}; gloo, one process per node, one thread; median of the slowest rank over the "
+             "repetitions; fit and model: gloo's algorithms (ring all-reduce and all-gather, broadcast root to each)", "",
              f"{'rate':>8} {'set Gb/s':>9} {'fitted Gb/s':>12} {'alpha us':>9}",
              *(f"{bw:>8} {f['set_gbps']:>9.3g} {f['bandwidth_gbps']:>12.3g} {1e6 * f['alpha_s']:>9.1f}" for bw, f in fits.items()),
              "", f"{'rate':>8} {'n':>2} {'op':<11}{'bytes':>10}{'measured ms':>13}{'model ms':>10}{'model/meas':>11}"]
@@ -159,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibrate_cluster.txt").write_text(text)
     (out / "calibrate_cluster.json").write_text(json.dumps(
-        {"command": command, "machine": machine_info("cpu"), "fits": fits, "measurements": measurements}, indent=1) + "\n")
+        {"command": command, "date": date, "machine": machine, "fits": fits, "measurements": measurements},
+        indent=1) + "\n")
     print(f"wrote {out / 'calibrate_cluster.txt'}, {out / 'calibrate_cluster.json'}")
     return 0
 

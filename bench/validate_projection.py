@@ -34,7 +34,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.20
-METHODS = {"allreduce", "powersgd", "topk", "deft", "cltk", "micro", "threshold", "sidco"}
+SPARSIFIERS = ("deft", "topk", "cltk", "micro")  # those bench/cluster_steps.py runs
+METHODS = {"allreduce", "powersgd", *SPARSIFIERS}
 
 
 def selection_json(model: str, density: float) -> Path | None:
@@ -67,7 +68,7 @@ def predict(row: dict, compute: dict, fit: dict, overlap: float, cache_dir: str 
             "--compute-ms", f"{compute['step_ms']:.6f}",
             "--backward-fraction", f"{compute['backward_ms'] / compute['step_ms']:.6f}",
             "--overlap", f"{overlap:.6f}", "--buckets", str(compute.get("buckets") or 1),
-            "--sparsifiers", *([method] if method in project.sparsifiers.SPARSIFIERS else ["deft"])]
+            "--sparsifiers", *SPARSIFIERS]  # one profile per (model, density), whatever the method
     if sel is not None:
         argv += ["--selection-json", str(sel)]
     if cache_dir:

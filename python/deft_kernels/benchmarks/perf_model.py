@@ -19,7 +19,8 @@ Collective costs (``alpha`` seconds per message, ``B`` bytes per second, ``S`` b
 - all-gather of a share ``s`` per rank (``S = n s``, every share padded to the largest): ring
   ``(n-1) alpha + (n-1)/n S/B``;
 - broadcast: binomial tree ``ceil(log2 n) (alpha + S/B)`` or pipelined chain ``(n-1) alpha + S/B``,
-  whichever is less;
+  whichever is less; on gloo (``Network.library``) ``(n-1) (alpha + S/B)``, as measured on the
+  emulated cluster;
 - on a two-level network (``per_node`` workers on a fast intra-node link, one inter-node link per
   worker, as rail-optimised GPU servers have): the hierarchical forms of :func:`all_reduce`,
   :func:`all_gather` and :func:`broadcast`.
@@ -69,14 +70,19 @@ class Network:
     intra: Link | None = None
     per_node: int = 1
     name: str = ""
+    #: whose algorithms: "nccl" (the cheaper of ring/tree, pipelined broadcast) or "gloo" (its
+    #: broadcast sends the whole message from the root to every other rank in turn)
+    library: str = "nccl"
 
     def __post_init__(self) -> None:
         if self.intra is not None and self.per_node < 2:
             raise ValueError(f"a two-level network needs per_node >= 2, got {self.per_node}")
+        if self.library not in ("nccl", "gloo"):
+            raise ValueError(f"library must be 'nccl' or 'gloo', got {self.library!r}")
 
     def with_bandwidth(self, bandwidth: float) -> Network:
         """The same network with the inter-node link at ``bandwidth`` bytes/s."""
-        return Network(self.inter.with_bandwidth(bandwidth), self.intra, self.per_node, self.name)
+        return Network(self.inter.with_bandwidth(bandwidth), self.intra, self.per_node, self.name, self.library)
 
 
 def _log2(n: int) -> int:
@@ -148,7 +154,9 @@ def all_gather(n: int, share: float, net: Network) -> float:
 
 def broadcast(n: int, nbytes: float, net: Network) -> float:
     """Seconds to broadcast ``nbytes`` from one worker to ``n``. Two levels: across the nodes, then
-    inside every node."""
+    inside every node. gloo: ``(n-1) (alpha + S/B)``, the root sending to each rank in turn."""
+    if net.library == "gloo":
+        return 0.0 if n < 2 else (n - 1) * (net.inter.alpha + nbytes / net.inter.bandwidth)
     g, m = _levels(n, net)
     if g == 1:
         return _flat_broadcast(n, nbytes, net.inter)

@@ -55,6 +55,8 @@ __all__ = ["main", "build_parser", "parse_args", "PRESETS", "network_of", "recor
 BASELINES = ("allreduce", "powersgd")
 DEFAULT_WORKERS = (8, 16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_SIM_WORKERS = (1, 2, 4, 8, 16)
+#: Version of the profile's content (part of its cache key).
+PROFILE_SCHEMA = 2
 #: Gb/s range searched for DEFT's break-even bandwidth.
 BREAK_EVEN_RANGE = (1e-3, 1e5)
 #: DEFT against all-reduce at one n: faster below a bandwidth, or in the whole range, or nowhere;
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where gradients and profiles are cached")
     p.add_argument("--profile-out", default=None, help="also write the profile (the measured inputs) to this JSON")
     p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png")
+    p.add_argument("--tag", default="", help="suffix of the output files' names (several scenarios of one model)")
     p.add_argument("--no-plot", action="store_true", help="no .png (then matplotlib is not needed)")
     return p
 
@@ -305,18 +308,24 @@ def record_sequence(name: str, density: float, grads: list[torch.Tensor], sizes:
                     warmup: int, steps: int, options: dict | None = None) -> dict:
     """``warmup + steps`` lockstep steps of ``n`` ranks of sparsifier ``name`` on ``grads`` (rank
     ``r`` holds ``grads[r % len(grads)]``), by the driver's own step; per measured step: rank 0's
-    requests and their wire (:func:`wire_of`), the union size and every rank's proposal count."""
+    requests and their wire (:func:`wire_of`), the union size, every rank's proposal count and the
+    slowest rank's local work besides plan and select (``other_ms``: error feedback's accumulate,
+    packing the values, unpacking the output, the residual update; the collectives not counted)."""
     ranks = [sparsifiers.build(name, density, **(options or {})) for _ in range(n)]
     held = [grads[r % len(grads)] for r in range(n)]
     measured = []
     for step in range(warmup + steps):
         log = [] if step >= warmup else None
+        # each rank's own local work timed alone (its waits for the others are not counted)
         programs = [_recorded(driver.step_program(sp, g, sizes=sizes, rank=r, world_size=n,
-                                                  laps=driver.Laps(None)), log if r == 0 else None, n)
+                                                  laps=driver.Laps(time.perf_counter, count_waits=False)),
+                              log if r == 0 else None, n)
                     for r, (sp, g) in enumerate(zip(ranks, held))]
-        results = driver.run_lockstep(programs, lambda rank, res: (res.stats.sent, res.stats.selected))
+        results = driver.run_lockstep(programs, lambda rank, res: (res.stats.sent, res.stats.selected,
+                                                                   res.times["other"]))
         if log is not None:
-            measured.append({"requests": log, "union": results[0][0], "counts": [sel for _, sel in results]})
+            measured.append({"requests": log, "union": results[0][0], "counts": [r[1] for r in results],
+                             "other_ms": 1e3 * max(r[2] for r in results)})
     return {"sparsifier": name, "workers": n, "numel": sum(sizes), "steps": measured}
 
 
@@ -499,7 +508,7 @@ def build_profile(args: argparse.Namespace, log=print) -> dict:
     """The measured inputs (see the module docstring), from the cache when it holds them for these
     options; DEFT's plan is added for every ``--workers`` value not yet in the profile."""
     torch.set_num_threads(args.threads)
-    key = hashlib.sha256(repr((args.density, args.sim_workers, args.sim_steps, args.sim_warmup, args.sparsifiers,
+    key = hashlib.sha256(repr((PROFILE_SCHEMA, args.density, args.sim_workers, args.sim_steps, args.sim_warmup, args.sparsifiers,
                                args.powersgd_rank)).encode()).hexdigest()[:10]
     path = Path(args.cache_dir) / f"{_cache_key(args, 'profile')}_{key}.json"
     profile = json.loads(path.read_text()) if path.is_file() else None
@@ -523,6 +532,7 @@ def build_profile(args: argparse.Namespace, log=print) -> dict:
                     "union": statistics.median(s["union"] for s in rec["steps"]),
                     "max_count": statistics.median(max(s["counts"]) for s in rec["steps"]),
                     "mean_count": statistics.median(sum(s["counts"]) / n for s in rec["steps"]),
+                    "other_ms": statistics.median(s["other_ms"] for s in rec["steps"]),
                     "steps": [{"union": s["union"], "counts": s["counts"],
                                "requests": [{"request": r["request"], "wire": r["wire"]} for r in s["requests"]]}
                               for s in rec["steps"]]}
@@ -537,7 +547,7 @@ def build_profile(args: argparse.Namespace, log=print) -> dict:
             offsets += numel
         psgd["compress_ms"] = _time_powersgd(grads[0], psgd["matrices"], order, args.powersgd_rank)
         del psgd["matrices"]
-        profile = {"schema": 1, "model": args.model, "numel": sum(sizes), "sizes": sizes, "density": args.density,
+        profile = {"schema": PROFILE_SCHEMA, "model": args.model, "numel": sum(sizes), "sizes": sizes, "density": args.density,
                    "distinct_gradients": args.distinct_gradients, "sim_workers": args.sim_workers,
                    "sim_steps": args.sim_steps, "sim_warmup": args.sim_warmup, "threshold": threshold,
                    "compute": compute, "powersgd": psgd, "templates": templates, "records": records, "deft_plan": {},
@@ -596,6 +606,17 @@ def _sent_at(profile: dict, name: str, n: int, numel: int, budget: int) -> tuple
     if sparsifiers.SPARSIFIERS[name].disjoint_proposals:  # MiCRO: the union split among the ranks
         return u * numel, u * numel / n * top["max_count"] / max(top["mean_count"], 1), "law"
     return u * numel, top["max_count"] * scale, "law; count of the largest measured n"
+
+
+def error_feedback_ms(profile: dict, name: str, n: int) -> float:
+    """The slowest rank's local work besides plan and select at ``n`` (error feedback, packing,
+    unpacking), timed in the profile's simulation: measured where simulated, else the median over
+    the simulated ``n >= 2`` (passes over ``N`` elements: it does not depend on ``n``)."""
+    rec = profile["records"][name]
+    if str(n) in rec:
+        return rec[str(n)]["other_ms"]
+    many = [r["other_ms"] for m, r in rec.items() if int(m) >= 2] or [r["other_ms"] for r in rec.values()]
+    return statistics.median(many)
 
 
 def selection_law(doc: dict | None, name: str, numel: int) -> dict:
@@ -715,7 +736,7 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
             seq, source = _sequence(name, n, profile, sizes, args.density, profile.get("threshold"))
             sequences[(name, n)] = seq
             sources.setdefault(name, set()).add(source)
-    select = {}
+    select, feedback = {}, {}
     for n in args.workers:
         for name in methods:
             if name == "allreduce":
@@ -725,7 +746,9 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
             else:
                 plan = profile["deft_plan"].get(str(n)) if name == "deft" and not args.layout else None
                 parts_ms = selection_ms(laws[name], n, numel, fragments(n), plan and plan["plan_ms"])
-                ms = None if parts_ms is None else parts_ms[0] * args.selection_scale + parts_ms[1]
+                ef = error_feedback_ms(profile, name, n) * numel / profile["numel"]
+                feedback[(name, n)] = ef * args.selection_scale
+                ms = None if parts_ms is None else (parts_ms[0] + ef) * args.selection_scale + parts_ms[1]
                 select[(name, n)] = ms
                 continue
             select[(name, n)] = ms * args.selection_scale
@@ -748,7 +771,8 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
                     continue
                 points.append({"network": net.name, "workers": n, "method": name,
                                "step_ms": 1e3 * p.step, "compute_ms": 1e3 * p.compute,
-                               "selection_ms": 1e3 * p.selection, "exchange_ms": 1e3 * p.exchange,
+                               "selection_ms": 1e3 * p.selection, "error_feedback_ms": feedback.get((name, n), 0.0),
+                               "exchange_ms": 1e3 * p.exchange,
                                "exposed_ms": 1e3 * p.exposed, "speedup": base.step / p.step,
                                "bytes": {c.role: c.nbytes for c in sequences[(name, n)]}})
     breakeven = []
@@ -803,7 +827,7 @@ def format_table(doc: dict) -> str:
                      + (f"; {net['per_node']} per node on {net['intra']['gbps']:g} Gb/s, {net['intra']['alpha_us']:g} us"
                         if net["intra"] else ""))
         for title, key, fmt in (("predicted step, ms", "step_ms", "{:.1f}"), ("speedup over all-reduce", "speedup", "{:.2f}"),
-                                ("selection, ms", "selection_ms", "{:.2f}"), ("exposed exchange, ms", "exposed_ms", "{:.1f}")):
+                                ("local work, ms", "selection_ms", "{:.2f}"), ("exposed exchange, ms", "exposed_ms", "{:.1f}")):
             lines.append(f"  {title:<24}" + "".join(f"{'n=' + str(n):>{width}}" for n in ns))
             for m in methods:
                 cells = [by.get((name, n, m)) for n in ns]
@@ -861,9 +885,11 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def output_stem(model: str, layout: str | None) -> str:
+def output_stem(model: str, layout: str | None, tag: str = "") -> str:
+    """``project_<model>[_<layout>][_<tag>]``."""
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", model).strip("_") or "model"
-    return f"project_{safe}" + (f"_{layout}" if layout else "")
+    tag = re.sub(r"[^A-Za-z0-9_-]+", "_", tag).strip("_")
+    return f"project_{safe}" + (f"_{layout}" if layout else "") + (f"_{tag}" if tag else "")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -891,7 +917,7 @@ def run(args: argparse.Namespace) -> dict:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / output_stem(args.model, args.layout)
+    stem = out / output_stem(args.model, args.layout, args.tag)
     written = [f"{stem}.txt", f"{stem}.json"]
     Path(written[0]).write_text(f"{args.command}\n{table}")
     doc["seconds"] = time.perf_counter() - start
