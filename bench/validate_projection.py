@@ -153,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     (out / "validate_projection.txt").write_text(text)
+    md = ["| model | n | rate | method | step ms | model | ratio | exposed ms | model | exchange alone ms | model |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        alone = r["measured_exchange_alone_ms"]
+        md.append(f"| {r['model']} | {r['nodes']} | {r['bandwidth']} | {r['label']} | {r['measured_step_ms']:.0f} | "
+                  f"{r['predicted_step_ms']:.0f} | {'' if r['within_target'] else '**'}{r['step_ratio']:.2f}"
+                  f"{'' if r['within_target'] else '**'} | {r['measured_exposed_ms']:.0f} | {r['predicted_exposed_ms']:.0f} | "
+                  f"{'-' if alone is None else f'{alone:.0f}'} | {r['predicted_exchange_alone_ms']:.0f} |")
+    (out / "validate_projection.md").write_text("\n".join(md) + "\n")
     (out / "validate_projection.json").write_text(json.dumps(
         {"command": command, "overlap": overlap, "calibration": fits, "rows": rows, "skipped": skipped}, indent=1) + "\n")
     return 0

@@ -15,7 +15,7 @@ Two stages, the model of the step in :mod:`~deft_kernels.benchmarks.perf_model`
    bytes :class:`deft_kernels.driver.TorchCollectives` would put on the wire (a recording stand-in
    for ``torch.distributed``), the size of the union and every rank's proposal count; DEFT's plan at
    every projected ``n`` (one rank's view: the plan of gradient 0, no ``n``-rank simulation);
-   PowerSGD's matrix shapes and the time of its products.
+   PowerSGD's matrix shapes and the time its hook adds to backward (:func:`time_powersgd_hook`).
 2. **Projection** (seconds): per network, worker count and method, the step and its parts from the
    profile, the worker-count benchmark's selection times (``--selection-json``), and the laws that
    carry them past the measured ``n``; DEFT's break-even bandwidth per ``n``.
@@ -465,15 +465,64 @@ def powersgd_shapes(shapes: list[list[int]], rank: int) -> dict:
     return {"p_elements": p, "q_elements": q, "plain_elements": plain, "matrices": matrices}
 
 
-def _time_powersgd(grad: torch.Tensor, matrices: list[tuple[int, int]], sizes_in_order: list[tuple[int, int]],
-                   rank: int) -> float:
-    """Milliseconds of PowerSGD's local work per step on this device for these matrices (error
-    feedback add, ``P = M Q``, orthogonalise ``P``, ``Q = M^T P``, the new error ``M - P Q^T``),
-    median of three after one warm-up."""
+def _noop_hook(state, bucket):
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def time_powersgd_hook(module: torch.nn.Module, loss_fn, rank: int, bucket_mb: float, iters: int = 5) -> dict:
+    """Milliseconds torch's PowerSGD hook adds to a step on this device: the median backward of DDP
+    with the hook (``matrix_approximation_rank`` ``rank``, compressing from the second step) minus
+    that with a hook that returns each bucket as it is (bench/overlap.py's method), in a gloo group
+    of one process: every local part of the hook runs (flattening, error feedback, the products,
+    orthogonalisation, copying back), its all-reduces cost nothing."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if dist.is_initialized():
+        raise RuntimeError("timing PowerSGD's hook needs its own process group; torch.distributed is initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        times = {}
+        for mode in ("none", "powersgd"):
+            ddp = DDP(module, bucket_cap_mb=bucket_mb)
+            if mode == "none":
+                ddp.register_comm_hook(None, _noop_hook)
+            else:
+                ddp.register_comm_hook(psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                                          start_powerSGD_iter=2), psgd.powerSGD_hook)
+            seconds = []
+            for it in range(4 + iters):  # DDP's bucket rebuild and PowerSGD's first steps are not timed
+                loss = loss_fn(ddp)
+                start = time.perf_counter()
+                loss.backward()
+                seconds.append(time.perf_counter() - start)
+                module.zero_grad(set_to_none=True)
+            times[mode] = 1e3 * statistics.median(seconds[4:])
+            del ddp
+    finally:
+        dist.destroy_process_group()
+    return {"hook_ms": max(0.0, times["powersgd"] - times["none"]), "backward_plain_ms": times["none"],
+            "backward_hook_ms": times["powersgd"], "bucket_mb": bucket_mb}
+
+
+def _time_products(grad: torch.Tensor, shapes: list[list[int]], rank: int) -> float:
+    """Milliseconds of PowerSGD's arithmetic per step on this device for the matrices it compresses
+    among ``shapes`` (error feedback add, ``P = M Q``, orthogonalise ``P``, ``Q = M^T P``, the new
+    error ``M - P Q^T``) on gradient ``grad``, median of three after one warm-up: a floor under
+    the hook's measured time."""
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize
 
-    ms = [grad[off:off + r * c].view(r, c) for off, (r, c) in sizes_in_order]
-    qs = [torch.randn(c, rank) for _, c in matrices]
+    ms, offset = [], 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        rows, cols = shape[0], numel // max(shape[0], 1)
+        if len(shape) > 1 and rows * cols > 2 * (rows + cols) * rank:
+            ms.append(grad[offset:offset + numel].view(rows, cols))
+        offset += numel
+    qs = [torch.randn(m.shape[1], rank) for m in ms]
     errors = [torch.zeros_like(m) for m in ms]
     times = []
     for _ in range(4):
@@ -539,19 +588,24 @@ def build_profile(args: argparse.Namespace, log=print) -> dict:
                 log(f"simulated {name} n={n}: union {records[name][str(n)]['union']:,.0f} "
                     f"({time.perf_counter() - start:.1f} s)")
         psgd = powersgd_shapes(shapes, args.powersgd_rank)
-        offsets, order = 0, []
-        for shape in shapes:
-            numel = math.prod(shape)
-            if len(shape) > 1 and (shape[0], numel // shape[0]) in psgd["matrices"]:
-                order.append((offsets, (shape[0], numel // shape[0])))
-            offsets += numel
-        psgd["compress_ms"] = _time_powersgd(grads[0], psgd["matrices"], order, args.powersgd_rank)
         del psgd["matrices"]
         profile = {"schema": PROFILE_SCHEMA, "model": args.model, "numel": sum(sizes), "sizes": sizes, "density": args.density,
                    "distinct_gradients": args.distinct_gradients, "sim_workers": args.sim_workers,
                    "sim_steps": args.sim_steps, "sim_warmup": args.sim_warmup, "threshold": threshold,
                    "compute": compute, "powersgd": psgd, "templates": templates, "records": records, "deft_plan": {},
                    "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    psgd = profile["powersgd"]
+    if "hook_ms" not in psgd or "products_ms" not in psgd:
+        torch.manual_seed(args.seed)
+        module, loss_fn = models.build(args.model)
+        if "products_ms" not in psgd:
+            if grads is None:
+                grads, *_ = _gradients(args, log)
+            psgd["products_ms"] = _time_products(grads[0], [list(p.shape) for p in module.parameters()
+                                                            if p.requires_grad], args.powersgd_rank)
+        if "hook_ms" not in psgd:
+            psgd.update(time_powersgd_hook(module, loss_fn, args.powersgd_rank, args.bucket_mb))
+        log(f"PowerSGD: its hook adds {psgd['hook_ms']:.1f} ms to backward, its products take {psgd['products_ms']:.1f} ms")
     if "deft" in args.sparsifiers:
         missing = [n for n in args.workers if str(n) not in profile["deft_plan"]]
         if missing:
@@ -727,7 +781,7 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
         return frag_cache[n]
 
     laws = {name: selection_law(selection_doc, name, numel) for name in args.sparsifiers}
-    psgd_ms = profile["powersgd"]["compress_ms"] * numel / profile["numel"]
+    psgd_ms = max(profile["powersgd"]["hook_ms"], profile["powersgd"]["products_ms"]) * numel / profile["numel"]
     buckets = args.buckets or pm.ddp_buckets(4 * numel, args.bucket_mb)
     points, sources = [], {}
     sequences = {}
@@ -851,7 +905,14 @@ def plot(doc: dict, path: Path) -> None:
 
     cfg = doc["config"]
     nets = cfg["networks"]
-    fig, axes = plt.subplots(1, len(nets) + 1, figsize=(4.2 * (len(nets) + 1), 4.2), squeeze=False)
+    cols = min(3, len(nets) + 1)
+    rows = math.ceil((len(nets) + 1) / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(nets) + 1:]:
+        ax.axis("off")
+    low = min([p["speedup"] for p in doc["points"]] + [0.9])
+    high = max([p["speedup"] for p in doc["points"]] + [1.1])
     for ax, net in zip(axes[0], nets):
         for m in cfg["methods"]:
             pts = sorted((p for p in doc["points"] if p["network"] == net["name"] and p["method"] == m),
@@ -862,12 +923,13 @@ def plot(doc: dict, path: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(net["name"], fontsize=9)
+        ax.set_ylim(low / 1.1, high * 1.1)
+        ax.set_title(f"{net['name']}: {net['gbps']:.3g} Gb/s, {net['alpha_us']:g} us per message", fontsize=9)
         ax.set_xlabel("workers n")
         ax.set_ylabel("speedup over all-reduce")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    ax = axes[0][-1]
+    ax = axes[0][len(nets)]
     for net in nets:
         pts = [b for b in doc["break_even"] if b["network"] == net["name"] and b["break_even_gbps"] is not None]
         ax.plot([b["workers"] for b in pts], [b["break_even_gbps"] for b in pts], marker="o", ms=3, label=net["name"])
