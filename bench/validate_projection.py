@@ -16,7 +16,9 @@ The prediction's inputs, per point:
 - selection: the worker-count benchmark's JSON for that model and density (bench/results/
   worker_count_<model>_cpu.json for d = 1%, bench/results/worker_count_d<density>/ otherwise);
 - overlap: the fraction of the exchange hidden behind backward measured by bench/overlap.py
-  (bench/results/overlap_deft_cpu.json), the same for every method (``--overlap`` overrides).
+  (bench/results/overlap_deft_cpu.json), the same for every method (``--overlap`` overrides);
+- contention: the worker-count JSON times a rank with a core to itself; the cluster's ``n`` ranks
+  share this machine's cores, so the local work is scaled by ``max(1, n / cores)``.
 
 It also sets the model's exchange alone (selection + collectives) next to the cluster's
 ``exchange_iso_ms`` (the same exchange with nothing else running). Points whose inputs are missing
@@ -28,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.20
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 SPARSIFIERS = ("deft", "topk", "cltk", "micro")  # those bench/cluster_steps.py runs
 METHODS = {"allreduce", "powersgd", *SPARSIFIERS}
 
@@ -68,6 +72,8 @@ def predict(row: dict, compute: dict, fit: dict, overlap: float, cache_dir: str 
             "--compute-ms", f"{compute['step_ms']:.6f}",
             "--backward-fraction", f"{compute['backward_ms'] / compute['step_ms']:.6f}",
             "--overlap", f"{overlap:.6f}", "--buckets", str(compute.get("buckets") or 1),
+            # the worker-count JSON times a rank with a core to itself; on the cluster n ranks share the cores
+            "--selection-scale", f"{max(1.0, n / CORES):g}",
             "--sparsifiers", *SPARSIFIERS]  # one profile per (model, density), whatever the method
     if sel is not None:
         argv += ["--selection-json", str(sel)]

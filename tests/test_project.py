@@ -36,6 +36,10 @@ def test_all_gather_and_broadcast():
     assert pm.broadcast(8, 1e6, FLAT) == pytest.approx(0.00107)
     # a small message: tree 3 * (10 us + 1 us) = 33 us; chain 70 us + 1 us -> the tree
     assert pm.broadcast(8, 1e3, FLAT) == pytest.approx(33e-6)
+    # gloo's broadcast: the root sends to each of the 3 others in turn
+    assert pm.broadcast(4, 1e6, pm.Network(LINK, library="gloo")) == pytest.approx(3 * (10e-6 + 1e-3))
+    with pytest.raises(ValueError, match="library"):
+        pm.Network(LINK, library="mpi")
 
 
 def test_two_level_network():
