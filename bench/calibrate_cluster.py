@@ -10,7 +10,8 @@ the node's veth); each collective is timed on every rank after a barrier, and a 
 the slowest rank's. The fit pools, per rate, every size and both node counts of the ring all-reduce
 (``2(n-1) alpha + 2(n-1)/n S/B``), the ring all-gather (``(n-1) alpha + (n-1) s/B``) and gloo's
 broadcast (``(n-1) (alpha + S/B)``: the root sends to each rank in turn, as measured: 3x the 2-node
-time at 4 nodes), by least squares on the times. Writes
+time at 4 nodes): B by least squares on the times, alpha from the 4 KiB messages
+(:func:`fit`). Writes
 bench/results/calibrate_cluster.{txt,json}: every repetition of every launch, the fits, and each
 measurement next to the fitted model. Needs root and iproute2 (it stops with one line otherwise).
 """
@@ -95,18 +96,24 @@ def features(op: str, n: int, nbytes: float) -> tuple[float, float]:
     raise ValueError(op)
 
 
+SMALL = 4 << 10  # bytes: messages whose time is latency, not bandwidth
+
+
 def fit(measurements: list[dict]) -> dict:
-    """alpha (s) and B (bytes/s) fitted to the medians of all three collectives, non-negative."""
+    """B (bytes/s) by least squares on the times of all three collectives (the large messages,
+    which carry a step's gradients, set it); then alpha (s) as the median over the small messages
+    (4 KiB) of their time left after the bandwidth term, per latency step. One joint fit would
+    give alpha ~ 0: on the times of large messages a millisecond of latency does not show, while a
+    4 KiB collective between processes sharing 2 cores takes 0.1-10 ms."""
     from deft_kernels.benchmarks import perf_model as pm
 
-    pts = measurements
-    # plain least squares on the times: the large messages, which carry a step's exchange, set B
-    # (weighting every point by its own time instead lets the small messages of 4 processes
-    # sharing 2 cores, 1-10 ms of scheduling, pull B above the shaped rate)
-    feats = [features(m["op"], m["nodes"], m["bytes"]) for m in pts]
-    alpha, inv_b = pm.fit_nonnegative(feats, [m["median_s"] for m in pts])
+    feats = [features(m["op"], m["nodes"], m["bytes"]) for m in measurements]
+    joint_alpha, inv_b = pm.fit_nonnegative(feats, [m["median_s"] for m in measurements])
+    small = [(m["median_s"] - f[1] * inv_b) / f[0] for m, f in zip(measurements, feats) if m["bytes"] <= SMALL]
+    alpha = max(0.0, statistics.median(small)) if small else joint_alpha
     return {"alpha_s": alpha, "bandwidth_Bps": 1 / inv_b if inv_b > 0 else float("inf"),
-            "bandwidth_gbps": 8 / inv_b / 1e9 if inv_b > 0 else float("inf"), "points": len(pts)}
+            "bandwidth_gbps": 8 / inv_b / 1e9 if inv_b > 0 else float("inf"), "points": len(measurements),
+            "joint_fit_alpha_s": joint_alpha, "small_messages": len(small)}
 
 
 def predict(op: str, n: int, nbytes: float, alpha: float, bandwidth: float) -> float:
