@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NoReturn, Sequence
 
-__all__ = ["Cluster", "Node", "check_available", "cleanup", "parse_rate", "bulk_transfer", "main"]
+__all__ = ["Cluster", "Node", "check_available", "cleanup", "parse_rate", "bulk_transfer", "OneLineParser", "main"]
 
 SUBNET = "198.18.0"  # node i is SUBNET.(i+1)/24, inside its own namespace only
 MAX_NODES = 99  # "<prefix>-h99" must fit Linux's 15-character interface names
@@ -469,9 +469,11 @@ def bulk_transfer(cluster: Cluster, nbytes: int, sender: int = 0, receiver: int 
 SUBCOMMANDS = ("run", "torchrun", "check-shaping", "check", "cleanup")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, no usage
-        print(f"deft-bench cluster: error: {message}", file=sys.stderr)
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the option (no usage), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -514,7 +516,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser(sub: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"deft-bench cluster{'' if sub == 'run' else ' ' + sub}",
+    p = OneLineParser(prog=f"deft-bench cluster{'' if sub == 'run' else ' ' + sub}",
                 description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prefix", type=_prefix_arg, default="dk", help="name prefix of every namespace and link")
     if sub in ("check", "cleanup"):
