@@ -14,7 +14,10 @@ import importlib
 import sys
 
 # mode name -> module holding its main(argv)
-MODES: dict[str, str] = {}
+MODES: dict[str, str] = {
+    "cluster": "deft_kernels.benchmarks.cluster",  # an emulated multi-node cluster (netns, veth, tc tbf)
+    "project": "deft_kernels.benchmarks.project",  # the step predicted on n workers and a network
+}
 
 __all__ = ["MODES", "main"]
 

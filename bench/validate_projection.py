@@ -1,0 +1,177 @@
+"""Check the step model (deft-bench project) against the steps measured on the emulated cluster: for
+every point of bench/results/cluster_steps.json (model, n, bandwidth, method, density), the model's
+prediction next to the measurement, in one table.
+
+    python bench/validate_projection.py [--steps bench/results/cluster_steps.json]
+                                        [--calibration bench/results/calibrate_cluster.json]
+
+The prediction's inputs, per point:
+
+- the network: alpha and B fitted for that shaped rate by bench/calibrate_cluster.py (collective
+  micro-benchmarks on the cluster's own links), one level;
+- compute and its backward part: the cluster's compute-only step for that (model, n, bandwidth)
+  (the same DDP step with a hook that returns each bucket unchanged), and DDP's bucket count there;
+- the sizes of each method's collectives and the union at ``n``: the profile of ``deft-bench project``
+  (lockstep simulation of the driver on the model's real gradients, this machine);
+- selection: the worker-count benchmark's JSON for that model and density (bench/results/
+  worker_count_<model>_cpu.json for d = 1%, bench/results/worker_count_d<density>/ otherwise);
+- overlap: the fraction of the exchange hidden behind backward measured by bench/overlap.py
+  (bench/results/overlap_deft_cpu.json), the same for every method (``--overlap`` overrides);
+- contention: the worker-count JSON times a rank with a core to itself; the cluster's ``n`` ranks
+  share this machine's cores, so the local work is scaled by ``max(1, n / cores)``.
+
+It also sets the model's exchange alone (selection + collectives) next to the cluster's
+``exchange_iso_ms`` (the same exchange with nothing else running). Points whose inputs are missing
+are listed with the reason. Writes bench/results/validate_projection.{txt,json}; a point is within
+target when |predicted / measured - 1| <= 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 0.20
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+SPARSIFIERS = ("deft", "topk", "cltk", "micro")  # those bench/cluster_steps.py runs
+METHODS = {"allreduce", "powersgd", *SPARSIFIERS}
+
+
+def selection_json(model: str, density: float) -> Path | None:
+    for path in (RESULTS / f"worker_count_{model}_cpu.json", RESULTS / f"worker_count_d{density:g}" / f"worker_count_{model}_cpu.json"):
+        if path.is_file() and json.loads(path.read_text())["config"]["density"] == density:
+            return path
+    return None
+
+
+def ddp_buckets(model: str, nodes: int, bandwidth: str) -> int | None:
+    """DDP's bucket count in that launch, from the raw record of its compute-only run."""
+    for path in sorted((RESULTS / "cluster_steps" / "raw").glob(f"{model}_n{nodes}_{bandwidth}*.json")):
+        for rank in json.loads(path.read_text())["ranks"]:
+            for row in rank["rows"]:
+                if row["method"] == "compute" and row.get("buckets"):
+                    return row["buckets"]
+    return None
+
+
+def predict(row: dict, compute: dict, fit: dict, overlap: float, cache_dir: str | None) -> dict:
+    """The model's step for one cluster point (see the module docstring)."""
+    from deft_kernels.benchmarks import perf_model as pm
+    from deft_kernels.benchmarks import project
+
+    method, n, model = row["method"], row["nodes"], row["model"]
+    density = row["density"] or 0.01
+    sel = selection_json(model, density) if method not in ("allreduce", "powersgd") else None
+    argv = ["--model", model, "--density", f"{density:g}", "--workers", str(n), "--bandwidth", "1",
+            "--sim-workers", "1", "2", "4", "--distinct-gradients", "4", "--no-plot",
+            "--compute-ms", f"{compute['step_ms']:.6f}",
+            "--backward-fraction", f"{compute['backward_ms'] / compute['step_ms']:.6f}",
+            "--overlap", f"{overlap:.6f}", "--buckets", str(compute.get("buckets") or 1),
+            # the worker-count JSON times a rank with a core to itself; on the cluster n ranks share the cores
+            "--selection-scale", f"{max(1.0, n / CORES):g}",
+            "--sparsifiers", *SPARSIFIERS]  # one profile per (model, density), whatever the method
+    if sel is not None:
+        argv += ["--selection-json", str(sel)]
+    if cache_dir:
+        argv += ["--cache-dir", cache_dir]
+    args = project.parse_args(argv)
+    args.networks = [pm.Network(pm.Link(fit["alpha_s"], fit["bandwidth_Bps"]), name="calibrated")]
+    profile = project.build_profile(args, log=lambda msg: print(f"validate: {msg}", file=sys.stderr))
+    doc = project.project(args, profile, json.loads(sel.read_text()) if sel else None)
+    point = next((p for p in doc["points"] if p["method"] == method), None)
+    if point is None:
+        raise LookupError(f"no selection time for {method} (worker-count JSON for {model} at d = {density:g} missing)")
+    return point
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", default=str(RESULTS / "cluster_steps.json"))
+    p.add_argument("--calibration", default=str(RESULTS / "calibrate_cluster.json"))
+    p.add_argument("--overlap", type=float, default=None,
+                   help="hidden fraction of the exchange (default: bench/results/overlap_deft_cpu.json)")
+    p.add_argument("--cache-dir", default=None, help="deft-bench project's cache (default: its own)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    for path in (args.steps, args.calibration):
+        if not Path(path).is_file():
+            print(f"validate_projection: {path} does not exist yet", file=sys.stderr)
+            return 2
+    steps = json.loads(Path(args.steps).read_text())["rows"]
+    fits = json.loads(Path(args.calibration).read_text())["fits"]
+    overlap = args.overlap
+    if overlap is None:
+        overlap = json.loads((RESULTS / "overlap_deft_cpu.json").read_text())["summary"]["hidden"]
+    compute = {(r["model"], r["nodes"], r["bandwidth"]): r for r in steps if r["method"] == "compute"}
+    rows, skipped = [], []
+    for r in steps:
+        if r["method"] == "compute":
+            continue
+        key = (r["model"], r["nodes"], r["bandwidth"])
+        why = None
+        if r["method"] not in METHODS:
+            why = f"method {r['method']!r} is not modelled"
+        elif key not in compute:
+            why = "no compute-only step measured for this (model, n, bandwidth)"
+        elif r["bandwidth"] not in fits:
+            why = f"no calibration at {r['bandwidth']}"
+        if why is None:
+            c = {**compute[key], "buckets": ddp_buckets(*key)}
+            try:
+                point = predict(r, c, fits[r["bandwidth"]], overlap, args.cache_dir)
+            except LookupError as e:
+                why = str(e)
+        if why:
+            skipped.append({**{k: r[k] for k in ("model", "nodes", "bandwidth", "label")}, "reason": why})
+            continue
+        measured_iso = r.get("exchange_iso_ms")
+        predicted_iso = point["selection_ms"] + point["exchange_ms"]
+        rows.append({"model": r["model"], "nodes": r["nodes"], "bandwidth": r["bandwidth"], "label": r["label"],
+                     "measured_step_ms": r["step_ms"], "predicted_step_ms": point["step_ms"],
+                     "step_ratio": point["step_ms"] / r["step_ms"],
+                     "measured_exposed_ms": r["exposed_ms"], "predicted_exposed_ms": point["exposed_ms"],
+                     "measured_exchange_alone_ms": measured_iso, "predicted_exchange_alone_ms": predicted_iso,
+                     "exchange_ratio": predicted_iso / measured_iso if measured_iso else None,
+                     "predicted_selection_ms": point["selection_ms"], "predicted_collectives_ms": point["exchange_ms"],
+                     "compute_ms": r["compute_ms"], "within_target": abs(point["step_ms"] / r["step_ms"] - 1) <= TARGET})
+    command = "python bench/validate_projection.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    head = (f"{'model':<9}{'n':>2} {'rate':>7} {'method':<12}{'step ms':>9}{'model':>9}{'ratio':>7}"
+            f"{'exposed':>9}{'model':>9}{'xchg alone':>11}{'model':>9}{'ratio':>7}")
+    lines = [command, f"overlap {overlap:.2f}; alpha, B per rate from {args.calibration}; "
+             f"target: predicted step within {TARGET:.0%} of the measured", "", head]
+    for r in rows:
+        ex = r["exchange_ratio"]
+        lines.append(f"{r['model']:<9}{r['nodes']:>2} {r['bandwidth']:>7} {r['label']:<12}{r['measured_step_ms']:>9.1f}"
+                     f"{r['predicted_step_ms']:>9.1f}{r['step_ratio']:>7.2f}{r['measured_exposed_ms']:>9.1f}"
+                     f"{r['predicted_exposed_ms']:>9.1f}{(r['measured_exchange_alone_ms'] or float('nan')):>11.1f}"
+                     f"{r['predicted_exchange_alone_ms']:>9.1f}{(ex if ex else float('nan')):>7.2f}"
+                     f"{'' if r['within_target'] else '  *'}")
+    within = sum(r["within_target"] for r in rows)
+    lines.append(f"\n{within} of {len(rows)} points within {TARGET:.0%} (* = outside)")
+    for s in skipped:
+        lines.append(f"skipped {s['model']} n={s['nodes']} {s['bandwidth']} {s['label']}: {s['reason']}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    (out / "validate_projection.txt").write_text(text)
+    md = ["| model | n | rate | method | step ms | model | ratio | exposed ms | model | exchange alone ms | model |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        alone = r["measured_exchange_alone_ms"]
+        md.append(f"| {r['model']} | {r['nodes']} | {r['bandwidth']} | {r['label']} | {r['measured_step_ms']:.0f} | "
+                  f"{r['predicted_step_ms']:.0f} | {'' if r['within_target'] else '**'}{r['step_ratio']:.2f}"
+                  f"{'' if r['within_target'] else '**'} | {r['measured_exposed_ms']:.0f} | {r['predicted_exposed_ms']:.0f} | "
+                  f"{'-' if alone is None else f'{alone:.0f}'} | {r['predicted_exchange_alone_ms']:.0f} |")
+    (out / "validate_projection.md").write_text("\n".join(md) + "\n")
+    (out / "validate_projection.json").write_text(json.dumps(
+        {"command": command, "overlap": overlap, "calibration": fits, "rows": rows, "skipped": skipped}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
