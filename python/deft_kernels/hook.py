@@ -97,6 +97,8 @@ class DeftState:
     Attributes:
         iter: iterations completed (warm-up included).
         last_stats: ``{bucket index: StepStats}`` of the latest sparse iteration (empty before one).
+        last_plans: ``{bucket index: plan}`` of the latest sparse iteration (the plan every rank used, e.g.
+            DEFT's :class:`~deft_kernels.planning.DeftPlan`; ``None`` for sparsifiers without one).
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, sparsifier: SparsifierSpec = "deft",
@@ -110,6 +112,7 @@ class DeftState:
         make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)  # fail now on bad kwargs
         self.iter = 0
         self.last_stats: dict[int, StepStats] = {}
+        self.last_plans: dict[int, Any] = {}
         self._buckets: dict[int, _BucketState] = {}
         self._log = CompressionLog()
         self._reset_model()
@@ -143,8 +146,8 @@ class DeftState:
 
     def compression_stats(self) -> dict[str, float]:
         """Totals over all sparse iterations of this rank: ``steps``, ``selected``, ``sent``, ``numel``,
-        ``bytes_sent``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density`` (sent / numel) and
-        ``compress_rate`` (numel / sent)."""
+        ``bytes_sent``, ``bytes_received``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density``
+        (sent / numel) and ``compress_rate`` (numel / sent)."""
         return self._log.summary()
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,7 +176,7 @@ class DeftState:
             buckets[int(index)] = _BucketState(sp, tuple(saved["positions"]), tuple(saved["sizes"]))
         self._buckets = buckets
         self.iter = int(state_dict["iter"])
-        self.last_stats = {}
+        self.last_stats, self.last_plans = {}, {}
         self._reset_model()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -230,7 +233,7 @@ class DeftState:
         def output(fut: torch.futures.Future) -> torch.Tensor:
             result: StepResult = fut.value()
             if index is not None:
-                self.last_stats[index] = result.stats
+                self.last_stats[index], self.last_plans[index] = result.stats, result.plan
             return result.out
 
         return self._queue.submit(program, buffer.device).then(output)
@@ -280,7 +283,7 @@ class DeftState:
             result = run_blocking(step_program(b.sparsifier, torch.cat([grads[pos] for pos in b.positions]),
                                                sizes=list(b.sizes), rank=comm.rank, world_size=comm.world_size,
                                                used=used), comm)
-            self.last_stats[index] = result.stats
+            self.last_stats[index], self.last_plans[index] = result.stats, result.plan
             outs.update(zip(b.positions, result.out.split(list(b.sizes))))
         for positions, _, buffer, fut in self._pending:
             fut.set_result(torch.cat([outs[pos] for pos in positions]).view_as(buffer))

@@ -303,8 +303,8 @@ def _dense(tensor, code, error, rank, n, laps, *, layout: Layout, header: bool, 
         _Header.from_block(block, n).raise_rejected(code, error, step)
     out = mean_of_sum(total[:numel], n, layout.dtype)
     laps.lap("other")
-    stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, t_select=0.0,
-                      t_comm=laps.times["comm"], t_other=laps.times["other"])
+    stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, bytes_received=4 * numel,
+                      t_select=0.0, t_comm=laps.times["comm"], t_other=laps.times["other"])
     return StepResult(out, stats, times=dict(laps.times))
 
 
@@ -364,9 +364,11 @@ def _sparse(sp: Sparsifier, grad, code, error, rank, n, used, laps, keep) -> Pro
     sp.step_count += 1
     laps.lap("other")
     own = selected.numel() if sp.gathers_selection else 0
+    others = sum(counts) - own if sp.gathers_selection else 0  # proposals all-gathered from the other ranks
     times = laps.times
     stats = StepStats(selected=selected.numel(), sent=sent.numel(), numel=layout.numel,
-                      bytes_sent=8 * own + 4 * sent.numel(), t_select=times["plan"] + times["select"],
+                      bytes_sent=8 * own + 4 * sent.numel(), bytes_received=8 * others + 4 * sent.numel(),
+                      t_select=times["plan"] + times["select"],
                       t_comm=times["comm"], t_other=times["other"])
     return StepResult(out, stats, plan, selected, sent, accumulated, dict(times))
 
