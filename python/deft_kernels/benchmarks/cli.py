@@ -14,7 +14,9 @@ import importlib
 import sys
 
 # mode name -> module holding its main(argv)
-MODES: dict[str, str] = {}
+MODES: dict[str, str] = {
+    "cluster": "deft_kernels.benchmarks.cluster",  # an emulated multi-node cluster (netns, veth, tc tbf)
+}
 
 __all__ = ["MODES", "main"]
 

@@ -1,0 +1,222 @@
+"""The emulated cluster (deft_kernels.benchmarks.cluster): its links are shaped to the set rate, real
+multi-node torchrun runs DEFT steps over it, and nothing is left behind after a normal exit, an
+exception, Ctrl-C on the CLI or a rank killed mid-run.
+
+Needs root and iproute2; elsewhere those tests skip with the one line check_available() gives. The
+prefix "dkt" is the tests' own (benchmarks use others), so a test never touches another cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deft_kernels.benchmarks import cluster as cl
+from deft_kernels.benchmarks.cluster import Cluster, bulk_transfer, check_available, cleanup, parse_rate
+
+PREFIX = "dkt"
+WORKER = str(Path(__file__).with_name("cluster_ddp_worker.py"))
+MISSING = check_available()
+needs_cluster = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+
+def leftovers(prefix: str = PREFIX) -> list[str]:
+    """Namespaces of this prefix, and links of this prefix in the root namespace."""
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split("\n")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = [line.split()[0] for line in ns if line.strip()]
+    names += [line.split(":")[1].strip().split("@")[0] for line in links if line.count(":") >= 2]
+    return [n for n in names if n.startswith(f"{PREFIX}-" if prefix == PREFIX else f"{prefix}-")]
+
+
+@pytest.fixture
+def clean():
+    cleanup(PREFIX)
+    yield
+    left = leftovers()
+    cleanup(PREFIX)
+    assert not left, f"left behind: {left}"
+
+
+# -- no root needed -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,option", [
+    (["--nodes", "0", "--", "true"], "--nodes"),
+    (["--bandwidth", "fast", "--", "true"], "--bandwidth"),
+    (["--prefix", "Bad-Name", "--", "true"], "--prefix"),
+    (["--timeout", "-1", "--", "true"], "--timeout"),
+    (["check-shaping", "--megabytes", "0"], "--megabytes"),
+    (["--nodes", "2"], "no command"),
+])
+def test_bad_cli_input_is_one_line_naming_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cl.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err, err
+
+
+def test_rates_and_names_are_checked():
+    assert parse_rate("100mbit") == 1e8 and parse_rate("1gbit") == 1e9 and parse_rate("125mbps") == 1e9
+    for bad in ("1 gbit", "0mbit", "gbit", "10gb"):
+        with pytest.raises(ValueError, match="tc rate"):
+            parse_rate(bad)
+    with pytest.raises(ValueError, match="prefix"):
+        Cluster(2, prefix="a-b")
+    with pytest.raises(ValueError, match="nodes"):
+        Cluster(100)
+
+
+def test_without_root_it_says_so_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    missing = check_available()
+    assert "root" in missing and "\n" not in missing
+    assert cl.main(["--nodes", "2", "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "root" in err
+    with pytest.raises(RuntimeError, match="root"):
+        with Cluster(2, prefix=PREFIX):
+            pass
+
+
+# -- on a cluster -----------------------------------------------------------------------------------------
+
+@needs_cluster
+@pytest.mark.slow
+@pytest.mark.parametrize("rate,megabytes", [("100mbit", 6), ("1gbit", 60)])
+def test_bulk_transfer_runs_at_the_set_rate(rate, megabytes, clean):
+    with Cluster(2, bandwidth=rate, prefix=PREFIX) as c:
+        tx0 = c.counters(0)[0]
+        got = bulk_transfer(c, megabytes * 1_000_000, timeout=30)
+        sent = c.counters(0)[0] - tx0
+        c.set_bandwidth(None)
+        unshaped = bulk_transfer(c, megabytes * 1_000_000, timeout=30)
+    # TCP payload over 1500-byte frames is 1448/1514 = 95.6% of the wire rate
+    assert abs(got / parse_rate(rate) - 1) <= 0.10, f"{got / 1e6:.1f} Mb/s at {rate}"
+    assert unshaped > 1.5 * got, f"unshaped {unshaped / 1e6:.0f} Mb/s, shaped {got / 1e6:.0f} Mb/s"
+    # the veth counts the frames: the payload plus 66 bytes of headers per 1448 bytes of payload
+    assert megabytes * 1e6 <= sent <= megabytes * 1e6 * 1.06
+
+
+@needs_cluster
+def test_layout_and_teardown_after_normal_exit(clean):
+    with Cluster(3, bandwidth="1gbit", prefix=PREFIX) as c:
+        assert sorted(n for n in leftovers() if n.startswith(f"{PREFIX}-n")) == [f"{PREFIX}-n{i}" for i in range(3)]
+        assert [n.address for n in c.nodes] == ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+        qdiscs = c.run(lambda n: ["tc", "qdisc", "show", "dev", n.ifname], timeout=10)
+        assert all("tbf" in r.stdout and "rate 1Gbit" in r.stdout for r in qdiscs), qdiscs
+        out = c.run(lambda n: ["ip", "-o", "-4", "addr", "show"], timeout=10)
+        assert all(f"inet {n.address}/24" in r.stdout and "inet 127.0.0.1" in r.stdout for n, r in zip(c.nodes, out))
+        assert all(n.startswith(f"{PREFIX}-") for n in leftovers())  # nothing in the root namespace but names
+    assert leftovers() == []
+
+
+@needs_cluster
+def test_teardown_after_an_exception_kills_the_processes(clean):
+    with pytest.raises(ZeroDivisionError):
+        with Cluster(2, bandwidth=None, prefix=PREFIX) as c:
+            p = c.popen(1, ["sleep", "60"])
+            1 / 0
+    assert p.wait(timeout=5) == -signal.SIGKILL
+    assert leftovers() == []
+
+
+@needs_cluster
+def test_run_is_bounded_and_kills_what_overruns(clean):
+    with Cluster(2, bandwidth=None, prefix=PREFIX) as c:
+        t0 = time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired) as exc:
+            c.run([["true"], ["sh", "-c", "echo started; sleep 60"]], timeout=1.0)
+        assert time.monotonic() - t0 < 10
+        assert [r.returncode for r in exc.value.results] == [0, -signal.SIGKILL]
+        assert exc.value.results[1].stdout == "started\n"
+        assert subprocess.run(["ip", "netns", "pids", c.nodes[1].netns], capture_output=True, text=True).stdout == ""
+
+
+@needs_cluster
+def test_cleanup_matches_its_prefix_exactly(clean):
+    other = f"{PREFIX}x-n0"  # a cluster of prefix "dktx" must survive cleanup("dkt")
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        with Cluster(1, prefix=PREFIX):
+            pass
+        assert cleanup(PREFIX) == []
+        assert other in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", other])
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_sigint_to_the_cli_tears_down(clean):
+    p = subprocess.Popen([sys.executable, "-m", "deft_kernels.benchmarks.cli", "cluster", "--prefix", PREFIX,
+                          "--nodes", "2", "--timeout", "60", "--", "sh", "-c", "echo up {rank}; exec sleep 60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [p.stdout.readline(), p.stdout.readline()]  # both nodes are running their command
+        assert sorted(lines) == ["[n0] up 0\n", "[n1] up 1\n"], lines
+        pids = subprocess.run(["ip", "netns", "pids", f"{PREFIX}-n1"], capture_output=True, text=True).stdout.split()
+        assert pids
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "interrupted" in err, err
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    assert leftovers() == []
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_deft_steps_under_multinode_torchrun(clean):
+    with Cluster(2, bandwidth="1gbit", prefix=PREFIX) as c:
+        before = [c.counters(i) for i in range(2)]
+        results = c.run(lambda n: c.torchrun_argv(n.index, [WORKER, "4"], port=29411), timeout=120)
+        after = [c.counters(i) for i in range(2)]
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+    reports = sorted((json.loads(r.stdout.strip().splitlines()[-1]) for r in results), key=lambda x: x["rank"])
+    assert [(x["rank"], x["world"]) for x in reports] == [(0, 2), (1, 2)]
+    assert sorted(x["node"] for x in reports) == ["0", "1"]
+    for x in reports:
+        assert x["same_params"] and x["stats"]["steps"] == 3 and x["buckets"] >= 2
+        assert abs(x["stats"]["density"] - 0.05) < 0.01
+    # the traffic went over the links: each node sent at least what its exchange says it sent
+    for i, x in enumerate(reports):
+        node = int(x["node"])
+        assert after[node][0] - before[node][0] > x["stats"]["bytes_sent"]
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_ends_the_run_and_leaves_nothing(clean):
+    with Cluster(2, bandwidth="1gbit", prefix=PREFIX) as c:
+        procs = [c.popen(n.index, c.torchrun_argv(n.index, [WORKER, "100000"], port=29412),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in c.nodes]
+        victim = None
+        deadline = time.monotonic() + 60
+        while victim is None and time.monotonic() < deadline:  # the training process on node 1, under torchrun
+            for pid in subprocess.run(["ip", "netns", "pids", c.nodes[1].netns], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except FileNotFoundError:
+                    continue
+                if cmdline and WORKER.encode() in cmdline and b"torch.distributed.run" not in cmdline:
+                    victim = int(pid)
+            time.sleep(0.2)
+        assert victim is not None, "the rank on node 1 never started"
+        time.sleep(3)  # mid-run
+        os.kill(victim, signal.SIGKILL)
+        codes = [p.wait(timeout=60) for p in procs]
+        outputs = [p.stdout.read() for p in procs]
+        assert all(code != 0 for code in codes), (codes, [o[-2000:] for o in outputs])
+    assert leftovers() == []
