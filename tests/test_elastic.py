@@ -3,11 +3,9 @@ the DeftState restored so that training continues exactly), the errors naming a 
 messages gloo gave on the emulated cluster), and bad arguments. tests/test_cluster_faults.py runs the
 whole recipe with real faults."""
 
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -15,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from deft_kernels import DeftState, deft_hook
 from deft_kernels.elastic import (PeerFailure, complete_checkpoints, load_checkpoint, naming_failures, rank_addresses,
                                   save_checkpoint)
-from multiproc import free_port
 
 # What gloo raised on the emulated cluster (2 nodes, timeout 5 s): a peer's process SIGKILLed, its link down.
 RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [198.18.0.2]:59031: "
@@ -23,12 +20,6 @@ RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537]
 TIMEOUT = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"
 
 
-@pytest.fixture
-def world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def _build():

@@ -14,12 +14,10 @@ import signal
 import subprocess
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from deft_kernels import DeftState
 from deft_kernels.metrics import CsvSink, JsonlSink, Metrics, StepMetrics, TensorBoardSink
 from deft_kernels.planning import budget
-from multiproc import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS, WARMUP, DENSITY = 8, 3, 0.05
@@ -38,13 +35,6 @@ def _needs(module: str):
                               reason=f"{module} is not installed (it comes with the test extra: pip install '.[test]')")
 
 
-@pytest.fixture
-def world_of_one():
-    """A gloo group of one rank in this process, destroyed after the test."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def _model():
