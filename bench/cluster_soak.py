@@ -101,7 +101,7 @@ def run(args) -> None:
                     break
                 time.sleep(rng.uniform(0, 0.05))
                 victim = rng.randrange(args.nodes)
-                kind = rng.choice(["kill", "flap_short", "flap_long"])
+                kind = rng.choice(args.kinds)
                 record = {"step": nodes[0].last_step, "node": victim, "kind": kind, "t": round(time.time() - t0, 3)}
                 if kind == "kill":
                     pid = worker_pid(c, victim)
@@ -110,7 +110,7 @@ def run(args) -> None:
                     else:
                         os.kill(pid, signal.SIGKILL)
                 else:
-                    down = rng.uniform(1.0, args.timeout / 2) if kind == "flap_short" else args.timeout + rng.uniform(1, 4)
+                    down = rng.uniform(1.0, args.timeout / 2) if kind == "flap_short" else args.timeout + rng.uniform(0.5, 2)
                     record["down_s"] = round(down, 2)
                     c.link_down(victim)
                     time.sleep(down)
@@ -167,7 +167,7 @@ def summarise(args, out: Path, nodes, codes, injected, log, wall, work: Path) ->
         "mode": args.mode, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                       f"torch {torch.__version__}",
         "nodes": args.nodes, "bandwidth": args.bandwidth, "steps": args.steps, "every": args.every,
-        "pg_timeout_s": args.timeout, "density": args.density, "width": args.width, "seed": args.seed,
+        "pg_timeout_s": args.timeout, "kinds": args.kinds, "density": args.density, "width": args.width, "seed": args.seed,
         "exit_codes": codes, "wall_s": round(wall, 1),
         "faults_injected": len(injected), "faults": injected,
         "failures_raised": len(failures), "restarts": attempts,
@@ -221,8 +221,11 @@ def report(args) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plot_metrics(out / "metrics_rank0.csv", out / "metrics.png", faults=runs["faulted"]["faults"])
-    same = runs["clean"]["final_param_sha"] == runs["faulted"]["final_param_sha"]
-    print(f"final parameters of the faulted and the clean run {'identical' if same else 'DIFFER'}")
+    if runs["faulted"]["final_param_sha"] is None:
+        print("the faulted run did not finish: no final parameters to compare")
+    else:
+        same = runs["clean"]["final_param_sha"] == runs["faulted"]["final_param_sha"]
+        print(f"final parameters of the faulted and the clean run {'identical' if same else 'DIFFER'}")
 
 
 def plot_metrics(csv_path: Path, png: Path, faults=()) -> None:
@@ -248,6 +251,7 @@ def plot_metrics(csv_path: Path, png: Path, faults=()) -> None:
         for f in faults:
             ax.axvline(f["step"], color={"kill": "red", "flap_long": "orange"}.get(f["kind"], "grey"), lw=0.5, alpha=0.5)
         ax.set_title(title, fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.suptitle(f"deft_kernels.metrics, rank 0 ({csv_path.name}); vertical lines: injected faults", fontsize=10)
@@ -270,6 +274,8 @@ def main() -> None:
     r.add_argument("--density", type=float, default=0.01)
     r.add_argument("--width", type=int, default=256)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--kinds", nargs="+", default=["kill", "flap_short", "flap_long"],
+                   choices=["kill", "flap_short", "flap_long"], help="fault kinds drawn from")
     r.add_argument("--deadline", type=float, default=460.0, help="seconds before the run is abandoned")
     q = sub.add_parser("report")
     q.add_argument("--out", default="bench/results/cluster_soak")
