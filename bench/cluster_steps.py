@@ -120,7 +120,7 @@ def _isolated_exchange(method: str, density: float | None, module, loss_fn, size
     import torch
     import torch.distributed as dist
 
-    from deft_kernels import sparsifiers
+    from deft_kernels import driver, sparsifiers
 
     if method in ("compute", "sync"):
         return {}
@@ -149,7 +149,7 @@ def _isolated_exchange(method: str, density: float | None, module, loss_fn, size
         for r in range(repeats + 1):
             dist.barrier()
             t = time.perf_counter()
-            _, st = sp.step(grad, sizes=[p.numel() for p in params])
+            _, st = driver.step(sp, grad, sizes=[p.numel() for p in params])
             times.append(time.perf_counter() - t)
             stats.append(st)
     out = {"exchange_iso_ms": 1e3 * statistics.median(times[1:])}

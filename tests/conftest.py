@@ -27,3 +27,17 @@ def backend(request):
     from op_cases import make_backend
 
     return make_backend(request.param)
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo group of one rank in this process (DDP needs one), destroyed after the test."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from multiproc import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()

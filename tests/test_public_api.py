@@ -11,7 +11,7 @@ import deft_kernels
 from deft_kernels import DeftState, GradientSparsifier, sparsifiers
 
 PUBLIC_MODULES = ["deft_kernels", "deft_kernels.ops", "deft_kernels.reference", "deft_kernels.planning",
-                  "deft_kernels.hook", "deft_kernels.training", "deft_kernels.sparsifiers",
+                  "deft_kernels.hook", "deft_kernels.training", "deft_kernels.metrics", "deft_kernels.elastic", "deft_kernels.sparsifiers",
                   "deft_kernels.benchmarks.worker_count", "deft_kernels.benchmarks.cli", "deft_kernels.benchmarks.models",
                   "deft_kernels.benchmarks.layouts"]
 

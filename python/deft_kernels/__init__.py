@@ -14,6 +14,10 @@ Layers, data flowing one way (each module's docstring explains its terms):
 - ``deft_kernels.simulate``: ``n`` workers in one process on the reference ops, the tests' oracle.
 - Integrations: ``deft_kernels.hook`` (``DeftState`` + ``deft_hook``, a DDP communication hook) and
   ``deft_kernels.training`` (``GradientSparsifier``, for training loops without DDP).
+- ``deft_kernels.metrics``: the hook's per-step, per-bucket figures (bytes, density, times, residual
+  against gradient, bin imbalance) to a callback, CSV/JSONL, TensorBoard or Lightning's ``self.log``.
+- ``deft_kernels.elastic``: surviving node failures under torchrun: a checkpoint per rank (DeftState
+  included), resumption from the newest complete one, errors naming a lost peer.
 - ``deft_kernels.benchmarks``: the ``deft-bench`` CLI, its models and layouts; not imported here.
 """
 
@@ -23,9 +27,10 @@ from . import driver, ops, reference, sparsifiers
 from .ops import accumulate_norms, segmented_topk, sparse_pack, sparse_unpack, threshold_select
 from .hook import DeftState, deft_hook
 from .training import GradientSparsifier
+from . import elastic, metrics
 
 __version__ = "0.1.0"
 
 # The public names (help(deft_kernels) lists these; docs/api.md documents each).
 __all__ = ["DeftState", "deft_hook", "GradientSparsifier", "accumulate_norms", "segmented_topk", "sparse_pack",
-           "sparse_unpack", "threshold_select", "ops", "reference", "sparsifiers", "driver"]
+           "sparse_unpack", "threshold_select", "ops", "reference", "sparsifiers", "driver", "metrics", "elastic"]

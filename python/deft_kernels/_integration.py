@@ -118,7 +118,7 @@ class CompressionLog:
 
     def __init__(self) -> None:
         self.steps = 0
-        self.totals = {"selected": 0, "sent": 0, "numel": 0, "bytes_sent": 0,
+        self.totals = {"selected": 0, "sent": 0, "numel": 0, "bytes_sent": 0, "bytes_received": 0,
                        "t_select": 0.0, "t_comm": 0.0, "t_other": 0.0}
 
     def record(self, step_stats: list[StepStats]) -> None:

@@ -131,6 +131,8 @@ class DeftState:
     Attributes:
         iter: iterations completed (warm-up included).
         last_stats: ``{bucket index: StepStats}`` of the latest sparse iteration (empty before one).
+        last_plans: ``{bucket index: plan}`` of the latest sparse iteration (the plan every rank used, e.g.
+            DEFT's :class:`~deft_kernels.planning.DeftPlan`; ``None`` for sparsifiers without one).
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, sparsifier: SparsifierSpec = "deft",
@@ -149,6 +151,7 @@ class DeftState:
         make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)  # fail now on bad kwargs
         self.iter = 0
         self.last_stats: dict[int, StepStats] = {}
+        self.last_plans: dict[int, Any] = {}
         self._buckets: dict[int, _BucketState] = {}
         self._log = CompressionLog()
         self._reset_model()
@@ -183,8 +186,8 @@ class DeftState:
 
     def compression_stats(self) -> dict[str, float]:
         """Totals over all sparse iterations of this rank: ``steps``, ``selected``, ``sent``, ``numel``,
-        ``bytes_sent``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density`` (sent / numel) and
-        ``compress_rate`` (numel / sent)."""
+        ``bytes_sent``, ``bytes_received``, ``t_select``, ``t_comm``, ``t_other`` (seconds), ``density``
+        (sent / numel) and ``compress_rate`` (numel / sent)."""
         return self._log.summary()
 
     def state_dict(self) -> dict[str, Any]:
@@ -213,7 +216,7 @@ class DeftState:
             buckets[int(index)] = _BucketState(sp, tuple(saved["positions"]), tuple(saved["sizes"]))
         self._buckets = buckets
         self.iter = int(state_dict["iter"])
-        self.last_stats = {}
+        self.last_stats, self.last_plans = {}, {}
         self._reset_model()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -275,7 +278,7 @@ class DeftState:
         def output(fut: torch.futures.Future) -> torch.Tensor:
             result: StepResult = fut.value()
             if index is not None:
-                self.last_stats[index] = result.stats
+                self.last_stats[index], self.last_plans[index] = result.stats, result.plan
                 self._buckets[index].result = result
             return result.out
 
@@ -330,7 +333,7 @@ class DeftState:
             result = run_blocking(step_program(b.sparsifier, torch.cat([grads[pos] for pos in b.positions]),
                                                sizes=list(b.sizes), rank=comm.rank, world_size=comm.world_size,
                                                used=used, loss_scale=self._loss_scale), comm)
-            self.last_stats[index] = result.stats
+            self.last_stats[index], self.last_plans[index] = result.stats, result.plan
             b.result = result
             outs.update(zip(b.positions, result.out.split(list(b.sizes))))
         for positions, _, buffer, fut in self._pending:

@@ -308,8 +308,8 @@ def mean_program(tensor: torch.Tensor, *, rank: int = 0, world_size: int = 1, la
         out = (total if total is tensor else tensor.copy_(total)).div_(world_size)  # the simulation: a copy
         laps.lap("other")
         numel = out.numel()
-        stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, t_select=0.0,
-                          t_comm=laps.times["comm"], t_other=laps.times["other"])
+        stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, bytes_received=4 * numel,
+                          t_select=0.0, t_comm=laps.times["comm"], t_other=laps.times["other"])
         return StepResult(out, stats, times=dict(laps.times))
     layout = Layout(world_size, (tensor.numel(),), tensor.dtype, tensor.device)
     return (yield from _dense(tensor, 0, None, rank, world_size, laps, layout=layout, header=False, step=0,
@@ -373,8 +373,8 @@ def _dense(tensor, code, error, rank, n, laps, *, layout: Layout, header: bool, 
     if out is not None:
         mean = out.copy_(mean)
     laps.lap("other")
-    stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, t_select=0.0,
-                      t_comm=laps.times["comm"], t_other=laps.times["other"])
+    stats = StepStats(selected=numel, sent=numel, numel=numel, bytes_sent=4 * numel, bytes_received=4 * numel,
+                      t_select=0.0, t_comm=laps.times["comm"], t_other=laps.times["other"])
     return StepResult(mean, stats, times=dict(laps.times))
 
 
@@ -459,9 +459,10 @@ class _Step:
             laps.waited()
             sent = union(parts if fixed is None else [*parts, fixed], sp.disjoint_proposals, device)
             index_bytes = selected.numel() * wire_dtype.itemsize
+            others_bytes = (sum(counts) - selected.numel()) * wire_dtype.itemsize  # the other ranks' proposals
         else:
             sent = fixed if fixed is not None else torch.zeros(0, dtype=torch.int64, device=device)
-            index_bytes = 0
+            index_bytes = others_bytes = 0
         values = None
         if not self.code:
             try:
@@ -494,7 +495,8 @@ class _Step:
         laps.lap("other")
         times = laps.times
         stats = StepStats(selected=selected.numel(), sent=sent.numel(), numel=layout.numel,
-                          bytes_sent=index_bytes + 4 * sent.numel(), t_select=times["plan"] + times["select"],
+                          bytes_sent=index_bytes + 4 * sent.numel(), bytes_received=others_bytes + 4 * sent.numel(),
+                          t_select=times["plan"] + times["select"],
                           t_comm=times["comm"], t_other=times["other"])
         return StepResult(out, stats, plan, selected, sent, accumulated, dict(times), skipped)
 

@@ -60,6 +60,7 @@ class StepStats:
     sent: int  # size of the global index set (after union)
     numel: int  # N, length of the flat gradient
     bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements) + fp32 values
+    bytes_received: int  # bytes it got back: the other workers' indices (same width) + the fp32 summed values
     t_select: float  # plan (if leader) + select
     t_comm: float  # waiting for the collectives
     t_other: float  # accumulate, union, unpack and the rest
