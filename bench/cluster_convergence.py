@@ -187,7 +187,7 @@ def launch(args: argparse.Namespace) -> int:
     run = launch_on_cluster(__file__, cfg, args, RAW, stem, expect=1)  # rank 0 reports
     if run is None:
         return 1
-    out = {"config": run["config"], "runs": run["results"][0]}
+    out = {"config": run["config"], **run["results"][0]}
     (RAW / f"{stem}.json").write_text(json.dumps(out, indent=1))
     print(f"{stem}: {out['config']['wall_s']:.0f} s; {RAW / stem}.json")
     return report_rows([out], None)
@@ -265,6 +265,14 @@ def plot(launches: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _flat(launch: dict) -> dict:
+    """A launch as written since the compute : all-reduce figures were added. One launch
+    (mnist_n4_1gbit) was written with them nested under "runs" (a bug of that version)."""
+    if isinstance(launch["runs"], dict):
+        launch = {**launch, **launch["runs"]}
+    return launch
+
+
 def parse_args(argv: list[str] | None):
     from deft_kernels.benchmarks.cluster import OneLineParser, _nodes_arg, _positive_float, _prefix_arg, _rate_arg
 
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        launches = [json.loads(p.read_text()) for p in sorted(RAW.glob("*.json"))]
+        launches = [_flat(json.loads(p.read_text())) for p in sorted(RAW.glob("*.json"))]
         if not launches:
             print(f"cluster_convergence: no launches in {RAW}; run one first", file=sys.stderr)
             return 1
