@@ -3,7 +3,8 @@ multi-node torchrun runs DEFT steps over it, and nothing is left behind after a 
 exception, Ctrl-C on the CLI or a rank killed mid-run.
 
 Needs root and iproute2; elsewhere those tests skip with the one line check_available() gives. The
-prefix "dkt" is the tests' own (benchmarks use others), so a test never touches another cluster.
+prefix "dkt<pid>" is this test run's own (benchmarks use others, and two checkouts may run these
+tests at once), so a test never touches another cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from deft_kernels.benchmarks import cluster as cl
 from deft_kernels.benchmarks.cluster import Cluster, bulk_transfer, check_available, cleanup, parse_rate
 
-PREFIX = "dkt"
+PREFIX = f"dkt{os.getpid() % 100000}"
 WORKER = str(Path(__file__).with_name("cluster_ddp_worker.py"))
 MISSING = check_available()
 needs_cluster = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -33,7 +34,7 @@ def leftovers(prefix: str = PREFIX) -> list[str]:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout.split("\n")
     names = [line.split()[0] for line in ns if line.strip()]
     names += [line.split(":")[1].strip().split("@")[0] for line in links if line.count(":") >= 2]
-    return [n for n in names if n.startswith(f"{PREFIX}-" if prefix == PREFIX else f"{prefix}-")]
+    return [n for n in names if n.startswith(f"{prefix}-")]
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_run_is_bounded_and_kills_what_overruns(clean):
 
 @needs_cluster
 def test_cleanup_matches_its_prefix_exactly(clean):
-    other = f"{PREFIX}x-n0"  # a cluster of prefix "dktx" must survive cleanup("dkt")
+    other = f"{PREFIX}x-n0"  # a cluster of prefix "<PREFIX>x" must survive cleanup(PREFIX)
     subprocess.run(["ip", "netns", "add", other], check=True)
     try:
         with Cluster(1, prefix=PREFIX):
