@@ -283,36 +283,58 @@ def worker(cfg: dict) -> int:
 
 # -- the launcher (root): one cluster, one torchrun per node -----------------------------------------------------
 
-def launch(args: argparse.Namespace) -> int:
-    from deft_kernels.benchmarks.cluster import Cluster, bulk_transfer, parse_rate
+def launch_on_cluster(script: str, cfg: dict, args: argparse.Namespace, raw: Path, stem: str,
+                      expect: int) -> dict | None:
+    """Run ``script --worker CFG`` under a multi-node torchrun on every node of a new cluster
+    (``args.nodes``, ``args.bandwidth``, ``args.prefix``, at most ``args.timeout`` seconds), after a
+    bulk transfer that measures the link. Every node's output goes to ``raw/stem.log``. Returns
+    ``{"config": cfg and the launch's facts, "results": the payloads of the RESULT lines}``, or None
+    (saying why in one line) when fewer than ``expect`` payloads came back. A node that fails after
+    its result is printed is reported and kept in ``config["exit_codes"]``."""
+    from deft_kernels.benchmarks.cluster import Cluster, bulk_transfer, check_available, parse_rate
 
-    cfg = {"model": args.model, "batch": args.batch or BATCH.get(args.model, 16), "methods": args.methods,
-           "warmup": args.warmup, "steps": args.steps, "rounds": min(args.rounds, args.steps),
-           "bucket_cap_mb": args.bucket_cap_mb, "seed": args.seed, "pg_timeout": args.pg_timeout}
-    stem = f"{args.model}_n{args.nodes}_{args.bandwidth}{args.tag}"
-    RAW.mkdir(parents=True, exist_ok=True)
+    name = Path(script).stem
+    missing = check_available()
+    if missing:
+        raise SystemExit(f"{name}: {missing}")  # one line, exit status 1
+    raw.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with Cluster(nodes=args.nodes, bandwidth=args.bandwidth, prefix=args.prefix) as c:
         link = bulk_transfer(c, max(4_000_000, int(parse_rate(args.bandwidth) / 8 * 0.3)), timeout=30)
         try:
-            results = c.run(lambda n: c.torchrun_argv(n.index, [__file__, "--worker", json.dumps(cfg)]),
+            results = c.run(lambda n: c.torchrun_argv(n.index, [script, "--worker", json.dumps(cfg)]),
                             timeout=args.timeout, env={"OMP_NUM_THREADS": "1"})
         except subprocess.TimeoutExpired as e:
             results = e.results
-            print(f"cluster_steps: --timeout {args.timeout:g} s passed; every node was stopped", file=sys.stderr)
-    (RAW / f"{stem}.log").write_text("".join(f"=== node {i} exit {r.returncode}\n--- stdout\n{r.stdout}--- stderr\n"
+            print(f"{name}: --timeout {args.timeout:g} s passed; every node was stopped", file=sys.stderr)
+    (raw / f"{stem}.log").write_text("".join(f"=== node {i} exit {r.returncode}\n--- stdout\n{r.stdout}--- stderr\n"
                                              f"{r.stderr[-20000:]}" for i, r in enumerate(results)))
-    ranks = [json.loads(line[len("RESULT "):]) for r in results for line in r.stdout.splitlines()
-             if line.startswith("RESULT ")]
-    if any(r.returncode for r in results) or len(ranks) != args.nodes:
-        print(f"cluster_steps: a node failed (exit codes {[r.returncode for r in results]}); see {RAW / stem}.log",
-              file=sys.stderr)
+    payloads = [json.loads(line[len("RESULT "):]) for r in results for line in r.stdout.splitlines()
+                if line.startswith("RESULT ")]
+    codes = [r.returncode for r in results]
+    if len(payloads) != expect:
+        print(f"{name}: a node failed (exit codes {codes}); see {raw / stem}.log", file=sys.stderr)
+        return None
+    if any(codes):  # every result came back, then a rank died on its way out (kept in the JSON)
+        print(f"{name}: every result came back, but exit codes {codes}; see {raw / stem}.log", file=sys.stderr)
+    return {"config": {**cfg, "nodes": args.nodes, "bandwidth": args.bandwidth, "link_goodput_mbps": link / 1e6,
+                       "exit_codes": codes,
+                       "wall_s": time.time() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+            "results": payloads}
+
+
+def launch(args: argparse.Namespace) -> int:
+    cfg = {"model": args.model, "batch": args.batch or BATCH.get(args.model, 16), "methods": args.methods,
+           "warmup": args.warmup, "steps": args.steps, "rounds": min(args.rounds, args.steps),
+           "bucket_cap_mb": args.bucket_cap_mb, "seed": args.seed, "pg_timeout": args.pg_timeout}
+    stem = f"{args.model}_n{args.nodes}_{args.bandwidth}{args.tag}"
+    run = launch_on_cluster(__file__, cfg, args, RAW, stem, expect=args.nodes)
+    if run is None:
         return 1
-    out = {"config": {**cfg, "nodes": args.nodes, "bandwidth": args.bandwidth, "link_goodput_mbps": link / 1e6,
-                      "wall_s": time.time() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
-           "ranks": sorted(ranks, key=lambda r: r["rank"])}
+    out = {"config": run["config"], "ranks": sorted(run["results"], key=lambda r: r["rank"])}
     (RAW / f"{stem}.json").write_text(json.dumps(out, indent=1))
-    print(f"{stem}: link {link / 1e6:.0f} Mb/s goodput, {time.time() - t0:.0f} s; {RAW / stem}.json")
+    print(f"{stem}: link {out['config']['link_goodput_mbps']:.0f} Mb/s goodput, {out['config']['wall_s']:.0f} s; "
+          f"{RAW / stem}.json")
     for row in summarize(out):
         print(f"  {row['label']:<12} step {row['step_ms']:8.1f} ms  exposed {row['exposed_ms']:8.1f}  "
               f"exchange alone {row.get('exchange_iso_ms', float('nan')):8.1f}  wire {row['wire_tx_mb']:7.3f} MB "
@@ -397,7 +419,7 @@ def report(out_dir: Path) -> int:
         if row["compute_over_allreduce"] is None and ref and row["compute_ms"]:
             row["compute_over_allreduce"] = row["compute_ms"] / ref["exchange_iso_ms"]
     rows.sort(key=lambda r: (r["model"], r["nodes"], _bw_bits(r["bandwidth"]), r["label"]))
-    head = (f"{'model':<9}{'n':>2} {'bw':>7} {'method':<12}{'step ms':>9}{'/comp':>6}{'/sync':>6}{'CPU ms':>7}{'exposed':>9}{'xchg alone':>11}{'comm alone':>11}"
+    head = (f"{'model':<9}{'n':>2} {'bw':>7} {'method':<12}{'step ms':>9}{'/comp':>7}{'/sync':>7}{'CPU ms':>7}{'exposed':>9}{'xchg alone':>11}{'comm alone':>11}"
             f"{'sel/comm/other (hook, ms)':>27}{'wire MB':>9}{'xchg MB':>9}{'wire/x':>7}{'model MB':>9}{'comp:AR':>8}")
     lines = ["Step time on the emulated cluster (bench/cluster_steps.py): median step of the slowest rank over the timed",
              "steps; /comp = step / compute-only step; /sync = step / (compute + one 1-float all-reduce per step);",
@@ -413,7 +435,7 @@ def report(out_dir: Path) -> int:
                 if "hook_t_select_ms" in r else "")
         wire_x = r["wire_tx_mb"] / r["exchange_mb"] if r["exchange_mb"] else float("nan")
         lines.append(f"{r['model']:<9}{r['nodes']:>2} {r['bandwidth']:>7} {r['label']:<12}{r['step_ms']:>9.1f}"
-                     f"{r['step_over_compute'] or float('nan'):>6.2f}{r['step_over_sync'] or float('nan'):>6.2f}"
+                     f"{r['step_over_compute'] or float('nan'):>7.2f}{r['step_over_sync'] or float('nan'):>7.2f}"
                      f"{r['cpu_ms'] or float('nan'):>7.0f}{r['exposed_ms'] or 0:>9.1f}"
                      f"{r.get('exchange_iso_ms', float('nan')):>11.1f}{r.get('iso_t_comm_ms', float('nan')):>11.1f}{hook:>27}{r['wire_tx_mb']:>9.3f}"
                      f"{r['exchange_mb']:>9.3f}{wire_x:>7.2f}{r.get('wire_model_mb', float('nan')):>9.3f}"
@@ -536,12 +558,6 @@ def main(argv: list[str] | None = None) -> int:
         return worker(json.loads(args.worker))
     if args.report:
         return report(Path(args.out))
-    from deft_kernels.benchmarks.cluster import check_available
-
-    missing = check_available()
-    if missing:
-        print(f"cluster_steps: {missing}", file=sys.stderr)
-        return 2
     return launch(args)
 
 

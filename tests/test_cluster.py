@@ -3,7 +3,8 @@ multi-node torchrun runs DEFT steps over it, and nothing is left behind after a 
 exception, Ctrl-C on the CLI or a rank killed mid-run.
 
 Needs root and iproute2; elsewhere those tests skip with the one line check_available() gives. The
-prefix "dkt" is the tests' own (benchmarks use others), so a test never touches another cluster.
+prefix "dkt<pid>" is this test run's own (benchmarks use others, and two checkouts may run these
+tests at once), so a test never touches another cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from deft_kernels.benchmarks import cluster as cl
 from deft_kernels.benchmarks.cluster import Cluster, bulk_transfer, check_available, cleanup, parse_rate
 
-PREFIX = "dkt"
+PREFIX = f"dkt{os.getpid() % 100000}"
 WORKER = str(Path(__file__).with_name("cluster_ddp_worker.py"))
 MISSING = check_available()
 needs_cluster = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -33,7 +34,7 @@ def leftovers(prefix: str = PREFIX) -> list[str]:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout.split("\n")
     names = [line.split()[0] for line in ns if line.strip()]
     names += [line.split(":")[1].strip().split("@")[0] for line in links if line.count(":") >= 2]
-    return [n for n in names if n.startswith(f"{PREFIX}-" if prefix == PREFIX else f"{prefix}-")]
+    return [n for n in names if n.startswith(f"{prefix}-")]
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_run_is_bounded_and_kills_what_overruns(clean):
 
 @needs_cluster
 def test_cleanup_matches_its_prefix_exactly(clean):
-    other = f"{PREFIX}x-n0"  # a cluster of prefix "dktx" must survive cleanup("dkt")
+    other = f"{PREFIX}x-n0"  # a cluster of prefix "<PREFIX>x" must survive cleanup(PREFIX)
     subprocess.run(["ip", "netns", "add", other], check=True)
     try:
         with Cluster(1, prefix=PREFIX):
@@ -220,3 +221,58 @@ def test_a_rank_killed_mid_run_ends_the_run_and_leaves_nothing(clean):
         outputs = [p.stdout.read() for p in procs]
         assert all(code != 0 for code in codes), (codes, [o[-2000:] for o in outputs])
     assert leftovers() == []
+
+
+# -- the cluster benchmarks' own logic (bench/cluster_steps.py, bench/cluster_convergence.py) ----------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@pytest.mark.parametrize("script,argv,option", [
+    ("cluster_steps", ["--methods", "deft"], "--methods"),
+    ("cluster_steps", ["--methods", "deft:2"], "--methods"),
+    ("cluster_steps", ["--warmup", "1"], "--warmup"),
+    ("cluster_steps", ["--nodes", "x"], "--nodes"),
+    ("cluster_steps", ["--tag", "a/b"], "--tag"),
+    ("cluster_convergence", ["--batch", "63", "--nodes", "2"], "--batch"),
+    ("cluster_convergence", ["--methods", "sidco"], "--methods"),
+    ("cluster_convergence", ["--bandwidth", "1gb"], "--bandwidth"),
+])
+def test_bench_scripts_reject_bad_options_in_one_line(script, argv, option, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exc:
+        module.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err, err
+
+
+def _rank_rows(rank: int, step: dict) -> dict:
+    base = {"numel": 1000, "rank": rank, "forward_ms": 1.0, "backward_ms": 2.0, "optimizer_ms": 0.1}
+    return {"rank": rank, "node": rank, "rows": [
+        {**base, "method": "compute", "density": None, "step_ms": step["compute"] + rank, "wire_tx_bytes": 10,
+         "wire_rx_bytes": 10, "exchange_bytes": 0.0},
+        {**base, "method": "sync", "density": None, "step_ms": step["sync"], "wire_tx_bytes": 10,
+         "wire_rx_bytes": 10, "exchange_bytes": 0.0},
+        {**base, "method": "allreduce", "density": None, "step_ms": step["allreduce"], "wire_tx_bytes": 6000,
+         "wire_rx_bytes": 6000, "exchange_bytes": 4000.0, "exchange_iso_ms": 50.0 + rank},
+        {**base, "method": "deft", "density": 0.01, "step_ms": step["deft"] - rank, "wire_tx_bytes": 100,
+         "wire_rx_bytes": 100, "exchange_bytes": 80.0, "exchange_iso_ms": 5.0, "hook_t_select_ms": 1.0,
+         "hook_t_comm_ms": 2.0, "hook_t_other_ms": 3.0, "sent_elements": 10.0, "selected_elements": 3.0 + rank}]}
+
+
+def test_cluster_steps_summary_takes_the_slowest_rank_and_the_ring_model():
+    import cluster_steps
+
+    steps = {"compute": 100.0, "sync": 110.0, "allreduce": 160.0, "deft": 121.0}
+    run = {"config": {"model": "m", "nodes": 4, "bandwidth": "1gbit", "link_goodput_mbps": 950.0},
+           "ranks": [_rank_rows(r, steps) for r in range(4)]}
+    rows = {r["label"]: r for r in cluster_steps.summarize(run)}
+    assert rows["compute"]["step_ms"] == 103.0  # the slowest rank
+    deft = rows["deft 1.0%"]
+    assert deft["step_ms"] == 121.0 and deft["exposed_ms"] == 18.0 and deft["step_over_sync"] == 121.0 / 110.0
+    assert deft["exchange_iso_ms"] == 5.0
+    # all-gather of indices: (n-1) x 8 bytes x the largest part (6); all-reduce of values: 2(n-1)/n x 4 x 10
+    assert deft["wire_model_mb"] == pytest.approx((3 * 8 * 6 + 1.5 * 4 * 10) / 1e6)
+    assert rows["allreduce"]["wire_model_mb"] == pytest.approx(1.5 * 4000 / 1e6)
+    assert rows["allreduce"]["compute_over_allreduce"] == pytest.approx(103.0 / 53.0)
