@@ -299,7 +299,7 @@ def _recorded(program, log: list | None, world_size: int):
         except StopIteration as stop:
             return stop.value
         if log is not None:
-            counts = list(request.counts) if isinstance(request, driver.GatherUnion) else None
+            counts = list(request.counts) if isinstance(request, driver.GatherProposals) else None
             log.append({"request": type(request).__name__, "counts": counts, "wire": wire_of(request, world_size)})
         value = yield request
 
@@ -342,15 +342,16 @@ def size_rules(name: str, density: float, sizes: list[int], n: int, union: float
     """The step's requests of sparsifier ``name`` at ``n`` ranks as ``(request, role, elements)``,
     in the driver's order (docs/exchange.md): the header's all-gather (one int64 row of
     ``2 + tensors`` per rank) where it does not ride in the values, the plan's broadcast
-    (``plan_elements``, from the sparsifier's own ``plan_wire``) where there is a plan, the
-    proposals' all-gather padded to ``max_count`` where proposals are gathered, the value
-    all-reduce of the union (plus ``n + tensors`` header slots where the header rides in it).
+    (``plan_elements``, from the sparsifier's own ``plan_wire``, plus the failure protocol's status
+    slot) where there is a plan, the proposals' all-gather padded to ``max_count`` where proposals
+    are gathered, the value all-reduce of the union plus the failure protocol's status block of ``n``
+    slots (plus ``n + tensors`` header slots where the header rides in it).
     :func:`check_rules` holds them against what the driver asked for."""
     cls = sparsifiers.SPARSIFIERS[name]
     header = ("AllGather", "header", 2 + len(sizes))
-    plan = ("Broadcast", "plan", plan_elements)
-    indices = ("GatherUnion", "indices", max_count)
-    values = ("AllReduce", "values", union + (n + len(sizes) if _header_in_values(name) else 0))
+    plan = ("Broadcast", "plan", None if plan_elements is None else plan_elements + 1)  # + the status slot
+    indices = ("GatherProposals", "indices", max_count)
+    values = ("AllReduce", "values", union + (n + len(sizes) if _header_in_values(name) else n))  # header, or status block
     seq = []
     if cls.header_at == "before_plan":
         seq += [header, plan]
