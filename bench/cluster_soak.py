@@ -35,18 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "elastic_ddp.py")
 
 
-def worker_pid(cluster, node: int):
-    pids = subprocess.run(["ip", "netns", "pids", cluster.nodes[node].netns], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if WORKER.encode() in argv and b"torch.distributed.run" not in argv:
-            return int(pid)
-    return None
-
-
 class Node:
     def __init__(self, cluster, node: int, argv: list[str]) -> None:
         self.proc = cluster.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -104,7 +92,7 @@ def run(args) -> None:
                 kind = rng.choice(args.kinds)
                 record = {"step": nodes[0].last_step, "node": victim, "kind": kind, "t": round(time.time() - t0, 3)}
                 if kind == "kill":
-                    pid = worker_pid(c, victim)
+                    pid = c.find_process(victim, WORKER)
                     if pid is None:  # between attempts: nothing to kill
                         record["kind"] = "kill_missed"
                     else:

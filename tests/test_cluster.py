@@ -130,6 +130,23 @@ def test_teardown_after_an_exception_kills_the_processes(clean):
 
 
 @needs_cluster
+def test_find_process_finds_the_node_s_own_process_only(clean):
+    with Cluster(2, bandwidth=None, prefix=PREFIX) as c:
+        p = c.popen(1, ["sleep", "61"])
+        try:
+            deadline = time.monotonic() + 5
+            while c.find_process(1, "61") is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert c.find_process(1, "61") == p.pid
+            assert c.find_process(0, "61") is None  # another node's namespace
+            assert c.find_process(1, "61", exclude="sleep") is None
+            assert c.find_process(1, "62") is None
+        finally:
+            p.kill()
+            p.wait(timeout=5)
+
+
+@needs_cluster
 def test_run_is_bounded_and_kills_what_overruns(clean):
     with Cluster(2, bandwidth=None, prefix=PREFIX) as c:
         t0 = time.monotonic()

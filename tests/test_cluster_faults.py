@@ -112,19 +112,6 @@ def _last_step_before_failure(run: Torchrun) -> int:
     return last
 
 
-def _worker_pid(cluster: Cluster, node: int) -> int | None:
-    pids = subprocess.run(["ip", "netns", "pids", cluster.nodes[node].netns], capture_output=True,
-                          text=True).stdout.split()
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if WORKER.encode() in argv and b"torch.distributed.run" not in argv:
-            return int(pid)
-    return None
-
-
 @pytest.fixture
 def cluster():
     cleanup(PREFIX)
@@ -207,7 +194,7 @@ def test_killed_process_raises_at_once_and_training_resumes(cluster, tmp_path, s
     rng = random.Random(seed)
     runs = _start(cluster, tmp_path / "ckpt", tmp_path / "out", 29431, "kill")
     _at_random_step(runs, rng)
-    victim = _worker_pid(cluster, 1)
+    victim = cluster.find_process(1, WORKER)
     assert victim is not None
     before = min(_last_step(runs[0], 0), _last_step(runs[1], 1))
     t_fault = time.time()
@@ -259,7 +246,7 @@ def test_node_restarted_late_rejoins_and_training_resumes(cluster, tmp_path, see
     rng = random.Random(seed)
     runs = _start(cluster, tmp_path / "ckpt", tmp_path / "out", 29451, "late")
     _at_random_step(runs, rng)
-    victim = _worker_pid(cluster, 1)
+    victim = cluster.find_process(1, WORKER)
     assert victim is not None
     before = min(_last_step(runs[0], 0), _last_step(runs[1], 1))
     agent = runs[1].proc.pid  # ip netns exec execs torchrun: the agent

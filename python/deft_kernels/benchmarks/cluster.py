@@ -38,7 +38,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NoReturn, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, NoReturn, Sequence
 
 __all__ = ["Cluster", "Node", "check_available", "cleanup", "parse_rate", "bulk_transfer", "OneLineParser", "main"]
 
@@ -101,11 +102,15 @@ def _netns_names() -> list[str]:
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
+def _netns_pids(ns: str) -> list[int]:
+    return [int(p) for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split()]
+
+
 def _kill_netns_processes(ns: str, deadline: float) -> None:
     """SIGKILL every process in namespace ``ns`` (only processes this project's namespace holds) and
     wait until they are gone, so that deleting the namespace frees its links."""
     while True:
-        pids = [int(p) for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split()]
+        pids = _netns_pids(ns)
         if not pids or time.monotonic() > deadline:
             return
         for pid in pids:
@@ -280,6 +285,19 @@ class Cluster:
         return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
     # -- processes ------------------------------------------------------------------------------------
+
+    def find_process(self, node: int, arg: str, exclude: str = "torch.distributed.run") -> int | None:
+        """The pid of a process in node ``node``'s namespace with ``arg`` among its arguments and not
+        ``exclude`` (default: torchrun's agent, whose command line names its worker's script too), or
+        None: how a fault injector finds the worker to kill."""
+        for pid in _netns_pids(self.nodes[node].netns):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:  # ended since the listing
+                continue
+            if arg.encode() in argv and exclude.encode() not in argv:
+                return pid
+        return None
 
     def env(self, node: int) -> dict[str, str]:
         """Variables for a process on node ``node``: the interface gloo/NCCL/TensorPipe must use (a
