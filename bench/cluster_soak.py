@@ -31,13 +31,15 @@ import threading
 import time
 from pathlib import Path
 
+from deft_kernels.elastic import RESTART_ENV  # torchrun's restarts reconnect only with it
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "examples" / "elastic_ddp.py")
 
 
 class Node:
     def __init__(self, cluster, node: int, argv: list[str]) -> None:
-        self.proc = cluster.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = cluster.popen(node, argv, env=RESTART_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[tuple[float, str]] = []
         self.last_step = -1
         self.thread = threading.Thread(target=self._read, daemon=True)

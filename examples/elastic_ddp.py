@@ -3,9 +3,14 @@ per rank every few steps (model, optimizer and that rank's DeftState), resumptio
 checkpoint all ranks completed. docs/operations.md gives the recipe; tests/test_cluster_faults.py and
 bench/cluster_soak.py run this script on the emulated cluster and inject faults.
 
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \\
     torchrun --nnodes 2 --nproc-per-node 1 --max-restarts 3 --rdzv-backend c10d \\
         --rdzv-endpoint NODE0:29400 --rdzv-id job1 examples/elastic_ddp.py --ckpt ckpt --steps 200
-    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/elastic_ddp.py --ckpt ckpt
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc-per-node 2 --max-restarts 3 \\
+        examples/elastic_ddp.py --ckpt ckpt
+
+(Without ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, torchrun keeps one store across restarts and a
+restarted group can read the previous round's addresses: deft_kernels.elastic.check_restart_store.)
 
 Batches are a function of (seed, rank, step), so a resumed run sees the batches an uninterrupted one
 would. Each rank prints ``start``, one ``step`` line per iteration and, when a peer is lost, a

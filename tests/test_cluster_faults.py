@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from deft_kernels.benchmarks.cluster import Cluster, check_available, cleanup
+from deft_kernels.elastic import RESTART_ENV
 
 PREFIX = "dko"
 WORKER = str(Path(__file__).resolve().parent.parent / "examples" / "elastic_ddp.py")
@@ -51,7 +52,7 @@ class Torchrun:
     def __init__(self, cluster: Cluster, node: int, args: list[str], port: int, rdzv_id: str) -> None:
         argv = cluster.torchrun_argv(node, [WORKER, *args], max_restarts=3, port=port, rdzv_id=rdzv_id,
                                      monitor_interval=0.5)
-        self.proc = cluster.popen(node, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = cluster.popen(node, argv, env=RESTART_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

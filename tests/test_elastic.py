@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, deft_hook
-from deft_kernels.elastic import (PeerFailure, complete_checkpoints, load_checkpoint, naming_failures, rank_addresses,
-                                  save_checkpoint)
+from deft_kernels import elastic
+from deft_kernels.elastic import (RESTART_ENV, PeerFailure, check_restart_store, complete_checkpoints, load_checkpoint,
+                                  naming_failures, rank_addresses, save_checkpoint)
 
 # What gloo raised on the emulated cluster (2 nodes, timeout 5 s): a peer's process SIGKILLed, its link down.
 RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [198.18.0.2]:59031: "
@@ -55,6 +56,28 @@ def test_resume_from_checkpoint_equals_not_stopping(world_of_one, tmp_path):
     assert (step, extra) == (9, {"step": 9}) and state.iter == 9 and state.sparsifiers
     _train(model, opt, state, range(9, 10))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight))
+
+
+def test_the_shared_restart_store_is_flagged_once(monkeypatch, recwarn):
+    # What torchrun 2.13 puts in a worker's environment by default, and with RESTART_ENV.
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    monkeypatch.setattr(elastic, "_warned_store", False)
+    with pytest.warns(UserWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        assert check_restart_store(shared) is False
+    assert check_restart_store(shared) is False and not recwarn.list  # once per process
+    assert check_restart_store({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is True
+    assert check_restart_store({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is True
+    assert check_restart_store({}) is True  # not under torchrun
+    assert RESTART_ENV == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def test_load_checkpoint_checks_the_restart_store(world_of_one, tmp_path, monkeypatch):
+    monkeypatch.setattr(elastic, "_warned_store", False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    model, opt, state = _build()
+    with pytest.warns(UserWarning, match="shares one store across restarts"):
+        assert load_checkpoint(tmp_path, model=model, optimizer=opt, state=state) == (0, None)
 
 
 def test_incomplete_checkpoints_are_ignored(world_of_one, tmp_path):

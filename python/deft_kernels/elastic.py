@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,12 @@ from ._integration import check_group, check_int, world
 from .hook import DeftState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "rank_addresses", "naming_failures",
-           "PeerFailure"]
+           "PeerFailure", "check_restart_store", "RESTART_ENV"]
+
+#: The environment torchrun needs for restarts that reconnect (docs/operations.md): a fresh store per
+#: rendezvous round instead of the one torchrun shares across rounds.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+_warned_store = False
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -99,6 +105,37 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
     return path
 
 
+def check_restart_store(environ: dict | None = None) -> bool:
+    """Whether this worker's torchrun can restart its group safely; warns once when it cannot.
+
+    By default (torch >= 2.4) torchrun's agents share one TCP store across rendezvous rounds and
+    give the workers no per-round prefix for it (``TORCHELASTIC_USE_AGENT_STORE=True``). Each agent
+    counts its own restarts, and those counts diverge as soon as one agent restarts its workers
+    because a node joined rather than because its worker failed; then a restarted worker can read
+    the previous round's gloo addresses from the store and fail to connect, which fails the round,
+    and so on until ``--max-restarts`` is spent. Measured on 4 emulated nodes: after the first fault
+    every round failed with "Connection refused" to a dead worker's address; with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment (rank 0's worker hosts a new
+    store each round) the same soak run recovered from 8 faults (docs/operations.md). Called by
+    :func:`load_checkpoint`; returns False (after warning) under torchrun with ``--max-restarts``
+    > 0 and the shared store, True otherwise."""
+    global _warned_store
+    env = os.environ if environ is None else environ
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        restarts = 0
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts <= 0:
+        return True
+    if not _warned_store:
+        _warned_store = True
+        warnings.warn("torchrun shares one store across restarts (TORCHELASTIC_USE_AGENT_STORE=True): a "
+                      "restarted group can read the previous round's addresses and fail to reconnect, "
+                      "round after round; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+                      "environment (deft_kernels.elastic.RESTART_ENV, docs/operations.md)", stacklevel=3)
+    return False
+
+
 def _step_dirs(root: Path) -> list[int]:
     if not root.is_dir():
         return []
@@ -119,12 +156,14 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
     """Load this rank's file of the newest checkpoint that every rank of ``group`` has complete (the
     ranks agree with one all-reduce, so it is a collective: call it on every rank) into ``model``,
     ``optimizer`` and ``state``; returns ``(step, extra)``, or ``(0, None)`` when there is none.
-    Load before registering ``state`` on a freshly built DDP model."""
+    Load before registering ``state`` on a freshly built DDP model. Under torchrun, warns once when
+    its environment lacks :data:`RESTART_ENV` (:func:`check_restart_store`)."""
     root = _check_dir(directory)
     module = _module(model)
     _check_parts(optimizer, state)
     check_group("group", group)
     rank, n = world(group)
+    check_restart_store()
     steps = complete_checkpoints(root, n)
     newest = steps[-1] if steps else -1
     if n > 1:
