@@ -242,8 +242,7 @@ def test_cut_link_raises_after_the_timeout_and_training_resumes(cluster, tmp_pat
 def test_node_restarted_late_rejoins_and_training_resumes(cluster, tmp_path, seed):
     """Node 1's worker killed while its torchrun agent is stopped (SIGSTOP) for LATE_S s: node 0's
     restarted agent waits in the rendezvous until node 1's agent comes back and restarts its worker.
-    (A node whose torchrun is killed and started anew did not rejoin the c10d rendezvous of torch
-    2.13 here: both agents waited on each other's keys of the new round; docs/operations.md.)"""
+    (A node whose torchrun is started anew: the next test.)"""
     rng = random.Random(seed)
     runs = _start(cluster, tmp_path / "ckpt", tmp_path / "out", 29451, "late")
     _at_random_step(runs, rng)
@@ -269,3 +268,29 @@ def test_node_restarted_late_rejoins_and_training_resumes(cluster, tmp_path, see
     _check_outcome(cluster, runs, tmp_path, resumed, 29453)
     print(f"node 1 late by {LATE_S} s after step {before}: node 0 restarted {restart[0] - t_fault:.1f} s after "
           f"the fault, resumed from step {resumed}")
+
+
+def test_node_whose_torchrun_is_started_anew_rejoins(cluster, tmp_path, seed):
+    """Node 1 lost whole (its torchrun agent and worker SIGKILLed), a new torchrun started there LATE_S
+    s later: it joins the next rendezvous round and both resume. Without RESTART_ENV this did not
+    work with torch 2.13 (both agents waited 60 s for each other's role_info keys of round 1 and the
+    job stopped; docs/operations.md)."""
+    rng = random.Random(seed)
+    runs = _start(cluster, tmp_path / "ckpt", tmp_path / "out", 29481, "anew")
+    _at_random_step(runs, rng)
+    victim = cluster.find_process(1, WORKER)
+    assert victim is not None
+    before = min(_last_step(runs[0], 0), _last_step(runs[1], 1))
+    t_fault = time.time()
+    os.killpg(runs[1].proc.pid, signal.SIGKILL)  # the agent's session: ip netns exec execs torchrun
+    os.kill(victim, signal.SIGKILL)  # torchrun starts its worker in a session of its own
+    runs[1].wait_quietly(10)
+    (tmp_path / "node1_lost.log").write_text(runs[1].text())
+    time.sleep(LATE_S)
+    runs[1] = Torchrun(cluster, 1, _args(tmp_path / "ckpt", tmp_path / "out"), 29481, "anew")
+    _finish(runs, tmp_path)
+    (failure,) = runs[0].records("failure")
+    assert failure["cause"] == "closed" and float(failure["t"]) - t_fault <= KILL_BOUND, failure
+    resumed = _check_resumed(runs, before)
+    _check_outcome(cluster, runs, tmp_path, resumed, 29483)
+    print(f"node 1 started anew {LATE_S} s after step {before}: resumed from step {resumed}")
