@@ -113,6 +113,41 @@ def test_fits():
     assert theta[1] == 0 and theta[0] > 0
 
 
+def _validate_projection():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "validate_projection.py"
+    spec = importlib.util.spec_from_file_location("validate_projection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_calibrated_from_sync_runs():
+    vp = _validate_projection()
+    fits = {"1gbit": {"alpha_s": 100e-6, "bandwidth_Bps": 1e8}}
+
+    def row(model, n, method, step_ms):
+        return {"model": model, "nodes": n, "bandwidth": "1gbit", "method": method, "step_ms": step_ms}
+
+    steps = [row("ncf", 2, "compute", 6.0), row("ncf", 2, "sync", 8.5),  # 2.5 ms - the modelled all-reduce
+             row("small", 2, "compute", 7.0), row("small", 2, "sync", 8.0),
+             row("ncf", 4, "compute", 10.0), row("ncf", 4, "sync", 16.0),
+             row("big", 2, "compute", 450.0), row("big", 2, "sync", 500.0)]  # too long a step to count
+    per_n, runs = vp.sync_overhead(steps, fits)
+    # the modelled 4-byte all-reduce: the cheaper of ring 2(n-1) alpha + 2(n-1)/n 4/B and tree: at
+    # n = 2, 0.2 ms + 0.04 us; at n = 4 the tree, 4 alpha + 8/B = 0.4 ms + 0.08 us
+    ar2, ar4 = 2 * 100e-6 + 4 / 1e8, 4 * 100e-6 + 8 / 1e8
+    assert per_n[2] == pytest.approx(((2.5e-3 - ar2) + (1.0e-3 - ar2)) / 2)  # median of the two short runs
+    assert per_n[4] == pytest.approx(6e-3 - ar4)
+    assert [r["used"] for r in runs] == [True, True, True, False]
+    assert vp._overhead("sync") == "sync" and vp._overhead("none") == "none" and vp._overhead("1.5") == 1.5
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError):
+        vp._overhead("-1")
+
+
 # ---- the collectives taken from the driver --------------------------------------------------------
 
 SIZES = [300, 50, 650]  # three tensors; 650 > N / 3 is cut into 3 fragments at n = 3
