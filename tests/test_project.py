@@ -73,6 +73,20 @@ def test_exchange_pays_latency_per_bucket():
     assert pm.ddp_buckets(2 ** 19, 25) == 1
 
 
+def test_collective_overhead_paid_once_per_call():
+    net = FLAT.with_overhead(2e-3)  # 2 ms per collective call
+    seq = [pm.Collective("all_reduce", 4e8, "values"), pm.Collective("all_gather", 400.0, "indices"),
+           pm.Collective("broadcast", 0, "plan")]  # no bytes: not issued, no overhead
+    plain = pm.exchange_time(seq, 4, FLAT, buckets=3)
+    assert pm.exchange_time(seq, 4, net, buckets=3) - plain == pytest.approx(3 * 2 * 2e-3)  # 3 buckets x 2 calls
+    # all-reduce of 4 bytes on 2 workers: 2 alphas + 2 x 1/2 x 4 B / 1 GB/s + the overhead
+    assert pm.collective_time(pm.Collective("all_reduce", 4), 2, net) == pytest.approx(2 * 10e-6 + 4e-9 + 2e-3)
+    assert pm.collective_time(pm.Collective("all_reduce", 4), 1, net) == 0.0  # one worker: nothing sent
+    assert net.with_bandwidth(5e8).overhead == 2e-3  # the break-even search keeps it
+    with pytest.raises(ValueError, match="overhead"):
+        FLAT.with_overhead(-1.0)
+
+
 def test_step_parts():
     p = pm.step_parts(compute=0.100, backward=0.060, selection=0.005, exchange=0.080, overlap=0.5)
     assert (p.hidden, p.exposed, p.step) == pytest.approx((0.040, 0.040, 0.145))
@@ -97,6 +111,41 @@ def test_fits():
     # y falls faster than 1/n: the intercept would be negative, so the fit keeps the 1/n term alone
     theta = pm.fit_nonnegative(feats, [8 / n - 1 for n in (2, 4, 8)])
     assert theta[1] == 0 and theta[0] > 0
+
+
+def _validate_projection():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "validate_projection.py"
+    spec = importlib.util.spec_from_file_location("validate_projection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_calibrated_from_sync_runs():
+    vp = _validate_projection()
+    fits = {"1gbit": {"alpha_s": 100e-6, "bandwidth_Bps": 1e8}}
+
+    def row(model, n, method, step_ms):
+        return {"model": model, "nodes": n, "bandwidth": "1gbit", "method": method, "step_ms": step_ms}
+
+    steps = [row("ncf", 2, "compute", 6.0), row("ncf", 2, "sync", 8.5),  # 2.5 ms - the modelled all-reduce
+             row("small", 2, "compute", 7.0), row("small", 2, "sync", 8.0),
+             row("ncf", 4, "compute", 10.0), row("ncf", 4, "sync", 16.0),
+             row("big", 2, "compute", 450.0), row("big", 2, "sync", 500.0)]  # too long a step to count
+    per_n, runs = vp.sync_overhead(steps, fits)
+    # the modelled 4-byte all-reduce: the cheaper of ring 2(n-1) alpha + 2(n-1)/n 4/B and tree: at
+    # n = 2, 0.2 ms + 0.04 us; at n = 4 the tree, 4 alpha + 8/B = 0.4 ms + 0.08 us
+    ar2, ar4 = 2 * 100e-6 + 4 / 1e8, 4 * 100e-6 + 8 / 1e8
+    assert per_n[2] == pytest.approx(((2.5e-3 - ar2) + (1.0e-3 - ar2)) / 2)  # median of the two short runs
+    assert per_n[4] == pytest.approx(6e-3 - ar4)
+    assert [r["used"] for r in runs] == [True, True, True, False]
+    assert vp._overhead("sync") == "sync" and vp._overhead("none") == "none" and vp._overhead("1.5") == 1.5
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError):
+        vp._overhead("-1")
 
 
 # ---- the collectives taken from the driver --------------------------------------------------------
@@ -136,6 +185,36 @@ def test_sequence_taken_from_the_driver(name):
         assert step["union"] >= k  # exactly the budget, plus DEFT's one-per-fragment floor
 
 
+def _fake_profile(name: str, union: int, max_count: int) -> dict:
+    """A profile with one simulated n (3) of ``name`` on SIZES, widths as the driver sends them."""
+    rec, options = _record(name)
+    return {"numel": sum(SIZES), "sizes": SIZES, "threshold": None, "deft_plan": {},
+            "templates": {name: project.check_rules(rec, SIZES, 0.05, options)},
+            "records": {name: {"3": {"union": union, "max_count": max_count, "mean_count": max_count,
+                                     "other_ms": 0.0}}}}
+
+
+@pytest.mark.parametrize("index_bytes", [None, 4, 8])
+def test_index_bytes_in_the_wire(index_bytes):
+    # Top-k at n = 3 on 3 tensors, union 60, the largest proposal 25: header row of 2 + 3 int64 per
+    # rank = 40 bytes; indices 25 x 4 (int32, what the driver sends below 2^31 elements) or 25 x 8;
+    # values (60 + a status slot per rank) x 4 bytes
+    profile = _fake_profile("topk", union=60, max_count=25)
+    seq, _ = project._sequence("topk", 3, profile, SIZES, 0.05, None, index_bytes)
+    assert {c.role: (c.op, c.nbytes) for c in seq} == {
+        "header": ("all_gather", 40), "indices": ("all_gather", 25 * (index_bytes or 4)),
+        "values": ("all_reduce", (60 + 3) * 4)}
+    assert project.index_bytes_of(1000) == 4 and project.index_bytes_of(2**31) == 8  # the driver's rule
+    assert project.index_bytes_of(2**31, 8) == 8
+
+
+def test_index_bytes_refused():
+    with pytest.raises(ValueError, match="int32 indices cannot address"):
+        project.index_bytes_of(2**31, 4)
+    with pytest.raises(ValueError, match="4 or 8"):
+        project.index_bytes_of(1000, 2)
+
+
 def test_check_rules_catches_a_changed_exchange():
     rec, options = _record("topk")
     rec["steps"][1]["requests"][1]["wire"] = [("all_gather", 8, max(rec["steps"][1]["counts"]) + 1)]
@@ -164,6 +243,9 @@ def test_powersgd_shapes():
     (["--preset", "token-ring"], "--preset"),
     (["--preset", "eth25", "--latency", "-3"], "--latency"),
     (["--preset", "eth25", "--overlap", "2"], "--overlap"),
+    (["--preset", "eth25", "--index-bytes", "2"], "--index-bytes"),
+    (["--preset", "eth25", "--index-bytes", "four"], "--index-bytes"),
+    (["--preset", "eth25", "--collective-overhead", "-1"], "--collective-overhead"),
     ([], "--preset"),
 ])
 def test_bad_input_is_refused_in_one_line(argv, option, capsys):
@@ -224,7 +306,18 @@ def test_projection_end_to_end(tmp_path):
     for b in doc["break_even"]:
         if b["verdict"] == project.CROSSES:
             assert b["break_even_gbps"] > 0
-    # the profile is cached: a second run measures nothing and is fast
-    assert cli.main(argv) == 0
+    deft = points[("100Gb/s,5us", 64, "deft")]
+    assert doc["config"]["index_bytes"] == 4  # int32, as the driver sends
+    # the profile is cached: a second run measures nothing and is fast; with int64 indices and a
+    # fixed cost per collective, DEFT's index bytes double and its exchange grows by the overheads
+    assert cli.main(argv + ["--index-bytes", "8", "--collective-overhead", "1.5"]) == 0
+    doc8 = json.loads((tmp_path / f"{project.output_stem(model, None)}.json").read_text())
+    deft8 = next(p for p in doc8["points"] if (p["network"], p["workers"], p["method"]) == ("100Gb/s,5us", 64, "deft"))
+    assert deft8["bytes"]["indices"] == 2 * deft["bytes"]["indices"]
+    assert deft8["bytes"]["values"] == deft["bytes"]["values"]
+    assert doc8["config"]["collective_overhead_ms"] == 1.5
+    buckets = doc8["config"]["buckets"]
+    extra = deft8["exchange_ms"] - deft["exchange_ms"]
+    assert extra >= 4 * 1.5 * buckets  # four collectives per bucket, 1.5 ms each (+ the wider indices)
     assert len(list((tmp_path / "cache").glob("profile_*.json"))) == 1
     assert math.isfinite(doc["config"]["compute_ms"])

@@ -21,6 +21,10 @@ Collective costs (``alpha`` seconds per message, ``B`` bytes per second, ``S`` b
 - broadcast: binomial tree ``ceil(log2 n) (alpha + S/B)`` or pipelined chain ``(n-1) alpha + S/B``,
   whichever is less; on gloo (``Network.library``) ``(n-1) (alpha + S/B)``, as measured on the
   emulated cluster;
+- every collective issued (one with bytes, on ``n >= 2``) also costs the network's ``overhead``
+  seconds, once: a fixed cost per call beyond the per-message ``alpha`` (issuing it, the host
+  waiting for it, the ranks meeting); 0 by default, calibrated where it is measured
+  (bench/validate_projection.py ``--collective-overhead sync``);
 - on a two-level network (``per_node`` workers on a fast intra-node link, one inter-node link per
   worker, as rail-optimised GPU servers have): the hierarchical forms of :func:`all_reduce`,
   :func:`all_gather` and :func:`broadcast`.
@@ -73,16 +77,25 @@ class Network:
     #: whose algorithms: "nccl" (the cheaper of ring/tree, pipelined broadcast) or "gloo" (its
     #: broadcast sends the whole message from the root to every other rank in turn)
     library: str = "nccl"
+    #: seconds every collective call costs once, beyond its alpha terms (0: none)
+    overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if self.intra is not None and self.per_node < 2:
             raise ValueError(f"a two-level network needs per_node >= 2, got {self.per_node}")
         if self.library not in ("nccl", "gloo"):
             raise ValueError(f"library must be 'nccl' or 'gloo', got {self.library!r}")
+        if not (math.isfinite(self.overhead) and self.overhead >= 0):
+            raise ValueError(f"overhead must be a non-negative number of seconds, got {self.overhead!r}")
 
     def with_bandwidth(self, bandwidth: float) -> Network:
         """The same network with the inter-node link at ``bandwidth`` bytes/s."""
-        return Network(self.inter.with_bandwidth(bandwidth), self.intra, self.per_node, self.name, self.library)
+        return Network(self.inter.with_bandwidth(bandwidth), self.intra, self.per_node, self.name, self.library,
+                       self.overhead)
+
+    def with_overhead(self, overhead: float) -> Network:
+        """The same network with ``overhead`` seconds per collective call."""
+        return Network(self.inter, self.intra, self.per_node, self.name, self.library, overhead)
 
 
 def _log2(n: int) -> int:
@@ -179,10 +192,13 @@ _COSTS: dict[str, Callable[[int, float, Network], float]] = {
 
 
 def collective_time(c: Collective, n: int, net: Network) -> float:
-    """Seconds of one collective; a collective of no bytes is not issued (the driver skips it)."""
+    """Seconds of one collective, the network's per-call ``overhead`` included; a collective of no
+    bytes is not issued (the driver skips it), nor anything on one worker."""
     if c.op not in _COSTS:
         raise ValueError(f"unknown collective {c.op!r}; known: {sorted(_COSTS)}")
-    return _COSTS[c.op](n, c.nbytes, net) if c.nbytes > 0 else 0.0
+    if c.nbytes <= 0 or n < 2:
+        return 0.0
+    return _COSTS[c.op](n, c.nbytes, net) + net.overhead
 
 
 def exchange_time(sequence: Sequence[Collective], n: int, net: Network, buckets: int = 1) -> float:

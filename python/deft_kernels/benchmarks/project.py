@@ -55,8 +55,12 @@ __all__ = ["main", "build_parser", "parse_args", "PRESETS", "network_of", "recor
 BASELINES = ("allreduce", "powersgd")
 DEFAULT_WORKERS = (8, 16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_SIM_WORKERS = (1, 2, 4, 8, 16)
-#: Version of the profile's content (part of its cache key).
-PROFILE_SCHEMA = 2
+#: Version of the profile's content (part of its cache key). 3: recorded by the driver that sends
+#: int32 indices below 2^31 elements, a status slot with the plan and a status block of n slots with
+#: the values, and makes the union of the proposals in the step (its time counted in ``other_ms``).
+PROFILE_SCHEMA = 3
+#: Bytes per index on the wire that ``--index-bytes`` accepts (int32, int64).
+INDEX_BYTES = (4, 8)
 #: Gb/s range searched for DEFT's break-even bandwidth.
 BREAK_EVEN_RANGE = (1e-3, 1e5)
 #: DEFT against all-reduce at one n: faster below a bandwidth, or in the whole range, or nowhere;
@@ -160,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=_workers, default=None,
                    help="number of DDP buckets (default: from --bucket-mb and the model's size)")
     p.add_argument("--powersgd-rank", type=_workers, default=1, help="PowerSGD's matrix_approximation_rank")
+    p.add_argument("--index-bytes", type=int, default=None,
+                   help="bytes per index in the proposals' all-gather, 4 or 8 (default: as the driver sends them: "
+                        "4 below 2^31 elements, else 8; 8 models the driver before int32 indices)")
+    p.add_argument("--collective-overhead", type=_number("non-negative", 0, False), default=0.0,
+                   help="fixed cost of every collective call, ms, beyond its latency terms "
+                        "(bench/validate_projection.py --collective-overhead sync calibrates one)")
     p.add_argument("--sim-workers", type=_workers, nargs="+", default=list(DEFAULT_SIM_WORKERS),
                    help="worker counts simulated in lockstep to measure the union and the collectives")
     p.add_argument("--distinct-gradients", type=_workers, default=16,
@@ -204,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--overlap must lie in [0, 1], got {args.overlap}")
     if args.backward_fraction is not None and not args.backward_fraction <= 1:
         parser.error(f"--backward-fraction must lie in [0, 1], got {args.backward_fraction}")
+    if args.index_bytes is not None and args.index_bytes not in INDEX_BYTES:
+        parser.error(f"--index-bytes must be 4 (int32) or 8 (int64), got {args.index_bytes}")
     if args.sim_warmup < 1 or args.train_steps < 0:
         parser.error("--sim-warmup must be at least 1 (the first step also agrees on the setup) and "
                      "--train-steps non-negative")
@@ -340,18 +352,19 @@ def _header_in_values(name: str) -> bool:
 def size_rules(name: str, density: float, sizes: list[int], n: int, union: float, max_count: float,
                plan_elements: int | None) -> list[tuple[str, str, float]]:
     """The step's requests of sparsifier ``name`` at ``n`` ranks as ``(request, role, elements)``,
-    in the driver's order (docs/exchange.md): the header's all-gather (one int64 row of
-    ``2 + tensors`` per rank) where it does not ride in the values, the plan's broadcast
-    (``plan_elements``, from the sparsifier's own ``plan_wire``, plus the failure protocol's status
-    slot) where there is a plan, the proposals' all-gather padded to ``max_count`` where proposals
-    are gathered, the value all-reduce of the union plus the failure protocol's status block of ``n``
-    slots (plus ``n + tensors`` header slots where the header rides in it).
+    in the driver's order (docs/exchange.md), sized by the driver's own description of its wire
+    (:func:`deft_kernels.driver.header_elements` and the rest): the header's all-gather (one row per
+    rank) where it does not ride in the values, the plan's broadcast (``plan_elements``, from the
+    sparsifier's own ``plan_wire``, plus the status slot) where there is a plan, the proposals'
+    all-gather padded to ``max_count`` where proposals are gathered, the value all-reduce of the
+    union plus the status block (``n`` slots, plus one per tensor where the header rides in it).
     :func:`check_rules` holds them against what the driver asked for."""
     cls = sparsifiers.SPARSIFIERS[name]
-    header = ("AllGather", "header", 2 + len(sizes))
-    plan = ("Broadcast", "plan", None if plan_elements is None else plan_elements + 1)  # + the status slot
+    tensors = len(sizes)
+    header = ("AllGather", "header", driver.header_elements(tensors))
+    plan = ("Broadcast", "plan", None if plan_elements is None else driver.plan_wire_elements(plan_elements))
     indices = ("GatherProposals", "indices", max_count)
-    values = ("AllReduce", "values", union + (n + len(sizes) if _header_in_values(name) else n))  # header, or status block
+    values = ("AllReduce", "values", union + driver.status_block_elements(n, tensors, _header_in_values(name)))
     seq = []
     if cls.header_at == "before_plan":
         seq += [header, plan]
@@ -363,6 +376,19 @@ def size_rules(name: str, density: float, sizes: list[int], n: int, union: float
         seq.append(indices)
     seq.append(values)
     return seq
+
+
+def index_bytes_of(numel: int, index_bytes: int | None = None) -> int:
+    """Bytes per index in the proposals' all-gather: ``index_bytes`` when given (4 refused where the
+    vector is too long for int32), else what the driver sends for a vector of ``numel``
+    (:func:`deft_kernels.driver.index_dtype`)."""
+    if index_bytes is None:
+        return driver.index_dtype(numel).itemsize
+    if index_bytes not in INDEX_BYTES:
+        raise ValueError(f"index bytes must be 4 or 8, got {index_bytes!r}")
+    if index_bytes == 4 and numel >= driver.INT32_INDEX_LIMIT:
+        raise ValueError(f"int32 indices cannot address {numel:,} elements (2^31 or more)")
+    return index_bytes
 
 
 def plan_elements(name: str, density: float, sizes: list[int], n: int, options: dict | None = None) -> int | None:
@@ -562,6 +588,16 @@ def build_profile(args: argparse.Namespace, log=print) -> dict:
                                args.powersgd_rank)).encode()).hexdigest()[:10]
     path = Path(args.cache_dir) / f"{_cache_key(args, 'profile')}_{key}.json"
     profile = json.loads(path.read_text()) if path.is_file() else None
+    if profile is not None:
+        try:  # a cached profile's recorded wire must still be what the size rules say (cheap)
+            for name, by_n in profile["records"].items():
+                options = sparsifier_options(name, profile.get("threshold"))
+                for n, rec in by_n.items():
+                    check_rules({"sparsifier": name, "workers": int(n), "steps": rec["steps"]}, profile["sizes"],
+                                profile["density"], options)
+        except RuntimeError as e:
+            raise RuntimeError(f"the cached profile {path} no longer matches the driver ({e}); move it away to "
+                               "measure it again") from None
     grads = None
     if profile is None:
         grads, layout, compute, shapes = _gradients(args, log)
@@ -734,8 +770,11 @@ def selection_ms(law: dict, n: int, numel: int, fragments: int | None,
 # The projection.
 
 
-def _sequence(name: str, n: int, profile: dict, sizes: list[int], density: float, threshold: float | None) -> tuple[list[pm.Collective], str]:
-    """The collectives of one step of ``name`` at ``n``, bytes summed over the step."""
+def _sequence(name: str, n: int, profile: dict, sizes: list[int], density: float, threshold: float | None,
+              index_bytes: int | None = None) -> tuple[list[pm.Collective], str]:
+    """The collectives of one step of ``name`` at ``n``, bytes summed over the step: each request's
+    op and width as the driver sent it in the profile's simulation, except the indices', whose width
+    is :func:`index_bytes_of` the projected vector."""
     numel = sum(sizes)
     k = planning.budget(density, numel)
     if name == "allreduce":
@@ -756,7 +795,8 @@ def _sequence(name: str, n: int, profile: dict, sizes: list[int], density: float
         width = widths.get(role)
         if width is None:
             raise RuntimeError(f"{name}: no recorded collective for {role}; rebuild the profile")
-        seq.append(pm.Collective(width["op"], width["itemsize"] * elements, role))
+        itemsize = index_bytes_of(numel, index_bytes) if role == "indices" else width["itemsize"]
+        seq.append(pm.Collective(width["op"], itemsize * elements, role))
     return seq, source
 
 
@@ -775,6 +815,12 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
         c = profile["compute"]
         backward_fraction = c["backward_ms"] / (c["forward_ms"] + c["backward_ms"])
     methods = list(BASELINES) + args.sparsifiers
+    try:
+        index_bytes = index_bytes_of(numel, args.index_bytes)
+    except ValueError as e:
+        _exit_with_error(f"--index-bytes: {e}")
+    overhead = args.collective_overhead / 1e3
+    networks = [net.with_overhead(overhead) for net in args.networks]
     frag_cache: dict[int, int] = {}
 
     def fragments(n: int) -> int:
@@ -789,7 +835,7 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
     sequences = {}
     for n in args.workers:
         for name in methods:
-            seq, source = _sequence(name, n, profile, sizes, args.density, profile.get("threshold"))
+            seq, source = _sequence(name, n, profile, sizes, args.density, profile.get("threshold"), index_bytes)
             sequences[(name, n)] = seq
             sources.setdefault(name, set()).add(source)
     select, feedback = {}, {}
@@ -818,7 +864,7 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
         ex = pm.exchange_time(sequences[(name, n)], n, net, buckets)
         return pm.step_parts(compute, backward, ms / 1e3, ex, args.overlap)
 
-    for net in args.networks:
+    for net in networks:
         for n in args.workers:
             base = parts("allreduce", n, net)
             for name in methods:
@@ -833,7 +879,7 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
                                "bytes": {c.role: c.nbytes for c in sequences[(name, n)]}})
     breakeven = []
     if "deft" in methods and all(select[("deft", n)] is not None for n in args.workers):
-        for net in args.networks:
+        for net in networks:
             for n in args.workers:
                 def advantage(bw: float, n=n, net=net) -> float:
                     other = net.with_bandwidth(bw)
@@ -852,11 +898,13 @@ def project(args: argparse.Namespace, profile: dict, selection_doc: dict | None)
               "backward_fraction": backward_fraction, "overlap": args.overlap, "buckets": buckets,
               "bucket_mb": args.bucket_mb, "selection_scale": args.selection_scale,
               "selection_json": getattr(args, "selection_json_used", None), "powersgd_rank": args.powersgd_rank,
+              "index_bytes": index_bytes, "index_bytes_source": "--index-bytes" if args.index_bytes else "as the driver sends",
+              "collective_overhead_ms": args.collective_overhead,
               "networks": [{"name": net.name, "alpha_us": net.inter.alpha / _US, "gbps": net.inter.bandwidth / pm.GBIT,
                             "per_node": net.per_node,
                             "intra": None if net.intra is None else {"alpha_us": net.intra.alpha / _US,
                                                                      "gbps": net.intra.bandwidth / pm.GBIT}}
-                           for net in args.networks],
+                           for net in networks],
               "workers": args.workers, "methods": methods,
               "size_sources": {k: sorted(v) for k, v in sources.items()},
               "union_laws": {name: union_law(profile, name) for name in args.sparsifiers
@@ -872,7 +920,8 @@ def format_table(doc: dict) -> str:
              f"in {cfg['tensors']} tensors, d = {cfg['density']:g}, compute {cfg['compute_ms']:.1f} ms per step "
              f"({cfg['compute_source']}), backward {100 * cfg['backward_fraction']:.0f}% of it, overlap "
              f"{cfg['overlap']:g}, {cfg['buckets']} DDP buckets of {cfg['bucket_mb']:g} MiB, selection x "
-             f"{cfg['selection_scale']:g}"]
+             f"{cfg['selection_scale']:g}, {cfg['index_bytes']}-byte indices ({cfg['index_bytes_source']})"
+             + (f", {cfg['collective_overhead_ms']:g} ms per collective call" if cfg["collective_overhead_ms"] else "")]
     methods, ns = cfg["methods"], cfg["workers"]
     by = {(p["network"], p["workers"], p["method"]): p for p in doc["points"]}
     be = {(b["network"], b["workers"]): b for b in doc["break_even"]}

@@ -32,10 +32,13 @@ import torch.distributed as dist
 from ..sparsifiers.base import Sparsifier, StepStats
 from .collectives import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, TorchCollectives,
                           run_blocking, run_lockstep)
-from .program import CAUSES, Laps, StepResult, mean_of_sum, mean_program, step_program, undo
+from .program import (CAUSES, HEADER_DTYPE, HEADER_FIELDS, INT32_INDEX_LIMIT, PLAN_STATUS_SLOTS, Laps, StepResult,
+                      header_elements, index_dtype, mean_of_sum, mean_program, plan_wire_elements,
+                      status_block_elements, step_program, undo)
 
 __all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "undo", "StepResult", "Laps",
-           "CAUSES",
+           "CAUSES", "HEADER_FIELDS", "HEADER_DTYPE", "PLAN_STATUS_SLOTS", "INT32_INDEX_LIMIT", "header_elements",
+           "plan_wire_elements", "index_dtype", "status_block_elements",
            "ExchangeQueue", "TorchCollectives", "run_blocking", "run_lockstep", "mean_of_sum",
            "AllGather", "AllReduce", "Broadcast", "GatherProposals"]
 

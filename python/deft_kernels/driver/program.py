@@ -172,6 +172,42 @@ def check_input(layout: Layout | None, grad: Any, sizes: Sequence[int] | None) -
     return 0, None, sizes
 
 
+# ---- the wire format ------------------------------------------------------------------------------
+# What a step's collectives carry besides the data (docs/exchange.md, the wire format), written once:
+# the step builds its tensors from these, and deft-bench project sizes its model of the step by them
+# (deft_kernels.benchmarks.project.size_rules).
+
+#: The header row: these fields, then one used flag per tensor.
+HEADER_FIELDS = ("code", "count")
+HEADER_DTYPE = torch.int64
+#: Slots after the encoded plan in the plan's broadcast: the leader's status (0, or its cause code).
+PLAN_STATUS_SLOTS = 1
+#: Vectors shorter than this send their indices as int32, longer ones as int64.
+INT32_INDEX_LIMIT = 2**31
+
+
+def header_elements(tensors: int) -> int:
+    """Elements of one rank's header row for a layout of ``tensors`` tensors."""
+    return len(HEADER_FIELDS) + tensors
+
+
+def plan_wire_elements(plan_length: int) -> int:
+    """Elements of the plan's broadcast: the encoded plan (``plan_wire``'s length) and the status slot."""
+    return plan_length + PLAN_STATUS_SLOTS
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype the proposals travel in for a vector of ``numel`` elements."""
+    return torch.int32 if numel < INT32_INDEX_LIMIT else torch.int64
+
+
+def status_block_elements(world_size: int, tensors: int, header_with_values: bool) -> int:
+    """fp32 slots after the values in the value all-reduce: each rank's code and, where the header
+    rides there, one user count per tensor (a loss-scaled step adds one slot more: the count of ranks
+    whose ``a`` is not finite)."""
+    return world_size + (tensors if header_with_values else 0)
+
+
 # ---- the header -----------------------------------------------------------------------------------
 
 
@@ -184,7 +220,8 @@ class _Header:
     @classmethod
     def from_rows(cls, rows: torch.Tensor) -> _Header:
         """From the all-gathered int64 rows ``[code, count, used per tensor]``, on the host."""
-        return cls(rows[:, 0].tolist(), rows[:, 1].tolist(), (rows[:, 2:] != 0).any(0).tolist())
+        fields = len(HEADER_FIELDS)
+        return cls(rows[:, 0].tolist(), rows[:, 1].tolist(), (rows[:, fields:] != 0).any(0).tolist())
 
     @classmethod
     def from_block(cls, block: torch.Tensor, world_size: int) -> _Header:
@@ -222,9 +259,9 @@ def raise_stopped(codes: Sequence[int], code: int, error: Exception | None, step
 
 def _header_row(code: int, count: int, used: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``[code, count, used per tensor]`` built on the host and uploaded in one piece."""
-    row = torch.empty(2 + used.numel(), dtype=torch.int64)
+    row = torch.empty(header_elements(used.numel()), dtype=HEADER_DTYPE)
     row[0], row[1] = code, count
-    row[2:] = used
+    row[len(HEADER_FIELDS):] = used
     return to_device(row, device)
 
 
@@ -380,12 +417,12 @@ def _dense(tensor, code, error, rank, n, laps, *, layout: Layout, header: bool, 
 
 def _wire(encoded: torch.Tensor, status: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The plan as it travels: the encoded plan and one status slot (0, or the leader's cause code)."""
-    return torch.cat([to_device(encoded, device), torch.full((1,), status, dtype=dtype, device=device)])
+    return torch.cat([to_device(encoded, device), torch.full((PLAN_STATUS_SLOTS,), status, dtype=dtype, device=device)])
 
 
 def _failed_wire(length: int, status: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The sentinel plan of a leader that stopped: zeros of the agreed shape, its cause in the slot."""
-    wire = torch.zeros(length + 1, dtype=dtype, device=device)
+    wire = torch.zeros(plan_wire_elements(length), dtype=dtype, device=device)
     wire[-1] = status
     return wire
 
@@ -453,7 +490,7 @@ class _Step:
         fixed = sp.always_sent(plan, device)
         if sp.gathers_selection:
             # int32 on the wire where every index fits: half the bytes (docs/exchange.md, the wire format)
-            wire_dtype = torch.int32 if layout.numel < 2**31 else torch.int64
+            wire_dtype = index_dtype(layout.numel)
             laps.lap("other")
             parts = yield GatherProposals(selected.to(wire_dtype), counts)
             laps.waited()
@@ -531,7 +568,7 @@ class _Step:
             laps.lap("other")
             yield Broadcast(wire, leader)
         else:
-            wire = yield Broadcast(torch.empty(length + 1, dtype=dtype, device=layout.device), leader)
+            wire = yield Broadcast(torch.empty(plan_wire_elements(length), dtype=dtype, device=layout.device), leader)
             rows, wire = to_host(rows, wire)
             header = _Header.from_rows(rows)
             status = int(wire[-1])
@@ -570,7 +607,7 @@ class _Step:
             yield Broadcast(wire, leader)
             status = self.code
         else:
-            wire = yield Broadcast(torch.empty(length + 1, dtype=dtype, device=layout.device), leader)
+            wire = yield Broadcast(torch.empty(plan_wire_elements(length), dtype=dtype, device=layout.device), leader)
             if on_device:
                 plan, status = sp.decode_plan(wire[:-1], offsets, n), 0
             else:
@@ -593,7 +630,7 @@ class _Step:
         skip); raises, on every rank, when some rank stopped."""
         n, rank = self.n, self.rank
         with_header = header is None
-        block = torch.zeros(n + (used.numel() if with_header else 0), dtype=torch.float32)
+        block = torch.zeros(status_block_elements(n, used.numel(), with_header), dtype=torch.float32)
         block[rank] = self.code
         if with_header:
             block[n:] = used
