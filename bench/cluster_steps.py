@@ -398,10 +398,10 @@ def _bw_bits(bw: str) -> float:
     return parse_rate(bw)
 
 
-def report(out_dir: Path) -> int:
-    runs = [json.loads(p.read_text()) for p in sorted(RAW.glob("*.json"))]
+def report(out_dir: Path, raw: Path = RAW) -> int:
+    runs = [json.loads(p.read_text()) for p in sorted(raw.glob("*.json"))]
     if not runs:
-        print(f"cluster_steps: no launches in {RAW}; run one first", file=sys.stderr)
+        print(f"cluster_steps: no launches in {raw}; run one first", file=sys.stderr)
         return 1
     # A point (model, n, bandwidth) may take several launches (--tag: e.g. all-reduce apart from the
     # sparsifiers at 100 Mb/s, n = 4); each keeps the compute-only step of its own launch, and a
@@ -537,6 +537,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds before the launch is killed")
     p.add_argument("--pg-timeout", type=int, default=120, help="process group timeout (s)")
     p.add_argument("--tag", default="", help="suffix of the raw result's name")
+    p.add_argument("--raw", default=str(RAW), help="--report: the folder of raw launches to summarise")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        return report(Path(args.out))
+        return report(Path(args.out), Path(args.raw))
     return launch(args)
 
 

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'exposed':>9}{'model':>9}{'xchg alone':>11}{'model':>9}{'ratio':>7}")
     calibration = os.path.relpath(args.calibration) if Path(args.calibration).is_absolute() else args.calibration
     lines = [command, f"overlap {overlap:.2f}; alpha, B per rate from {calibration} (gloo's algorithms); "
-             f"{args.index_bytes}-byte indices (the driver the cluster ran sent int64); "
+             f"{args.index_bytes}-byte indices (8: the grid's driver sent int64; 4: the driver since issue 18); "
              "per collective call " + ", ".join(f"{1e3 * o:.2f} ms at n = {n}" for n, o in sorted(overhead.items()))
              + f" ({args.collective_overhead if isinstance(args.collective_overhead, str) else 'given'}); "
              f"target: predicted step within {TARGET:.0%} of the measured"]
