@@ -293,3 +293,19 @@ def test_cluster_steps_summary_takes_the_slowest_rank_and_the_ring_model():
     assert deft["wire_model_mb"] == pytest.approx((3 * 8 * 6 + 1.5 * 4 * 10) / 1e6)
     assert rows["allreduce"]["wire_model_mb"] == pytest.approx(1.5 * 4000 / 1e6)
     assert rows["allreduce"]["compute_over_allreduce"] == pytest.approx(103.0 / 53.0)
+
+
+def test_cluster_steps_report_reads_the_raw_folder_it_is_given(tmp_path, capsys):
+    import cluster_steps
+
+    assert cluster_steps.report(tmp_path / "out", raw=tmp_path / "empty") == 1
+    assert str(tmp_path / "empty") in capsys.readouterr().err
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    steps = {"compute": 100.0, "sync": 110.0, "allreduce": 160.0, "deft": 121.0}
+    run = {"config": {"model": "m", "nodes": 2, "bandwidth": "1gbit", "link_goodput_mbps": 950.0},
+           "ranks": [_rank_rows(r, steps) for r in range(2)]}
+    (raw / "m_n2_1gbit.json").write_text(json.dumps(run))
+    assert cluster_steps.report(tmp_path / "out", raw=raw) in (0, None)
+    rows = json.loads((tmp_path / "out" / "cluster_steps.json").read_text())["rows"]
+    assert {(r["model"], r["nodes"], r["method"]) for r in rows} >= {("m", 2, "deft"), ("m", 2, "compute")}
