@@ -1,8 +1,14 @@
 // Op schemas and the CPU registrations. This is the only file that includes torch/extension.h
-// (it is the slow one to compile). The Python wrappers in deft_kernels.ops validate arguments with
-// messages that name them; the checks here repeat what memory safety needs, so that a direct
-// torch.ops.deft_kernels.* call with bad input raises instead of reading out of bounds.
+// (it is the slow one to compile). The Python wrappers in deft_kernels.ops check arguments with
+// messages that name them (deft_kernels/_checks.py). Here: the O(1) checks of form that memory
+// safety needs, and the O(F) checks of the host metadata the kernels read anyway, so that a direct
+// torch.ops.deft_kernels.* call with bad input raises instead of reading out of bounds. The one
+// pass over data, the range of sparse_pack/sparse_unpack's indices, runs only with validate=true
+// (the schema's default, a direct call); the wrappers have done it themselves, or the caller
+// vouched for the indices, and pass false. An unchecked out-of-range index is skipped by the
+// kernel (never read or written), as in the Triton kernels.
 #include <omp.h>
+#include <algorithm>
 #include <torch/extension.h>
 
 #include "cpu/kernels.h"
@@ -41,10 +47,17 @@ void check_ids(const c10::optional<at::Tensor>& ids, const char* name, const cha
 void check_indices_in_range(const at::Tensor& indices, int64_t n) {
   const int64_t* p = indices.const_data_ptr<int64_t>();
   const int64_t m = indices.numel();
-  bool ok = true;
-#pragma omp parallel for reduction(&& : ok) if (m > (1 << 16))
-  for (int64_t i = 0; i < m; ++i) ok = ok && p[i] >= 0 && p[i] < n;
-  TORCH_CHECK(ok, "indices must lie in [0, ", n, ")");
+  int64_t lo = 0, hi = 0;
+  if (m > 0) {
+    lo = hi = p[0];
+#pragma omp parallel for reduction(min : lo) reduction(max : hi) if (m > (1 << 16))
+    for (int64_t i = 0; i < m; ++i) {
+      lo = std::min(lo, p[i]);
+      hi = std::max(hi, p[i]);
+    }
+  }
+  TORCH_CHECK_VALUE(m == 0 || (lo >= 0 && hi < n), "indices must lie in [0, ", n, "), got values in [", lo, ", ",
+                    hi, "]");
 }
 
 at::Tensor accumulate_norms_cpu(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
@@ -86,15 +99,15 @@ at::Tensor threshold_select_cpu(const at::Tensor& values, const at::Tensor& offs
   return cpu::threshold_select(values, offsets, thresholds, segments, index_base);
 }
 
-at::Tensor sparse_pack_cpu(const at::Tensor& values, const at::Tensor& indices) {
+at::Tensor sparse_pack_cpu(const at::Tensor& values, const at::Tensor& indices, bool validate) {
   check_float_vector(values, "values");
   check_index_vector(indices, "indices");
-  check_indices_in_range(indices, values.numel());
+  if (validate) check_indices_in_range(indices, values.numel());
   return cpu::sparse_pack(values, indices);
 }
 
 at::Tensor sparse_unpack_cpu(at::Tensor& residual, const at::Tensor& indices, const at::Tensor& values,
-                             double scale) {
+                             double scale, bool validate) {
   check_float_vector(residual, "residual");
   check_index_vector(indices, "indices");
   check_float_vector(values, "values");
@@ -102,7 +115,7 @@ at::Tensor sparse_unpack_cpu(at::Tensor& residual, const at::Tensor& indices, co
               " must match residual dtype ", residual.scalar_type());
   TORCH_CHECK(values.numel() == indices.numel(), "values length ", values.numel(), " must match indices length ",
               indices.numel());
-  check_indices_in_range(indices, residual.numel());
+  if (validate) check_indices_in_range(indices, residual.numel());
   return cpu::sparse_unpack(residual, indices, values, scale);
 }
 
@@ -113,8 +126,8 @@ TORCH_LIBRARY(deft_kernels, m) {
   m.def("segmented_topk(Tensor values, Tensor offsets, Tensor k, Tensor? fragments=None, int index_base=0) -> Tensor");
   m.def("threshold_select(Tensor values, Tensor offsets, Tensor thresholds, Tensor? segments=None, "
         "int index_base=0) -> Tensor");
-  m.def("sparse_pack(Tensor values, Tensor indices) -> Tensor");
-  m.def("sparse_unpack(Tensor(a!) residual, Tensor indices, Tensor values, float scale) -> Tensor");
+  m.def("sparse_pack(Tensor values, Tensor indices, bool validate=True) -> Tensor");
+  m.def("sparse_unpack(Tensor(a!) residual, Tensor indices, Tensor values, float scale, bool validate=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(deft_kernels, CPU, m) {

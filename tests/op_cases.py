@@ -89,9 +89,12 @@ def make_backend(name: str) -> Backend:
                                    segmented_topk=functools.partial(tk.segmented_topk, **tiled),
                                    threshold_select=functools.partial(tk.threshold_select, **tiled),
                                    sparse_pack=tk.sparse_pack, sparse_unpack=tk.sparse_unpack)
+        # the op implementations as the dispatcher reaches them from ops.*(validate=False): pack and
+        # unpack take the schema's validate, which the ops layer passes as False
         raw = types.SimpleNamespace(accumulate_norms=tk._accumulate_norms, segmented_topk=tk._segmented_topk,
-                                    threshold_select=tk._threshold_select, sparse_pack=tk._sparse_pack,
-                                    sparse_unpack=tk._sparse_unpack)
+                                    threshold_select=tk._threshold_select,
+                                    sparse_pack=functools.partial(tk._sparse_pack, validate=False),
+                                    sparse_unpack=functools.partial(tk._sparse_unpack, validate=False))
         return Backend("triton", device, interpreted, fn, raw)
     raise ValueError(f"unknown backend {name!r}")
 

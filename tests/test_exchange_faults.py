@@ -224,6 +224,61 @@ def test_ddp_unused_parameters_lose_no_residual(tmp_path):
         assert lost < 1e-4, (name, lost)
 
 
+@gloo_rank
+def _taken_from_ddp_worker(rank, world_size, out_dir):
+    """DeftState's find_unused_parameters left at None: it takes DDP's True at the first hook call and
+    loses nothing; a value that disagrees with DDP's raises at that call, naming both."""
+    from deft_kernels.hook import registered_on
+
+    model = _Branchy()
+    params = list(model.parameters())
+    raw = [torch.zeros_like(p) for p in params]
+    for p, acc in zip(params, raw):
+        p.register_hook(_adding_to(acc))
+    net = DDP(model, find_unused_parameters=True)
+    state = DeftState(sparsifier="deft", density=0.2, warmup_steps=1)
+    net.register_comm_hook(state, deft_hook)
+    found = registered_on(state) is net
+    applied = [torch.zeros_like(p) for p in params]
+    gen = torch.Generator().manual_seed(rank)
+    for t in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+        F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
+        for p, acc in zip(params, applied):
+            if p.grad is not None:
+                acc.add_(p.grad)
+    residual = sum(float(sp.residual.double().sum()) for sp in state.sparsifiers.values() if sp.residual is not None)
+    errors = []
+    for ddp_flag, given in ((True, False), (False, True)):
+        net2 = DDP(_Branchy(), find_unused_parameters=ddp_flag)
+        net2.register_comm_hook(DeftState(density=0.2, warmup_steps=1, find_unused_parameters=given), deft_hook)
+        try:
+            net2(torch.randn(4, 8), True, True).sum().backward()
+            errors.append("")
+        except ValueError as e:
+            errors.append(str(e))
+    return {"found": found, "adopted": state.find_unused_parameters, "raw": float(sum(r.double().sum() for r in raw)),
+            "applied": float(sum(a.double().sum() for a in applied)), "residual": residual, "errors": errors}
+
+
+@pytest.mark.slow
+def test_find_unused_parameters_is_taken_from_ddp(tmp_path):
+    """Before, DeftState's flag defaulted to False whatever DDP said: with DDP's True, what the hook
+    sent for a parameter no rank used was dropped by DDP and lost (this test's sum did not balance)."""
+    n = 2
+    ranks = run(_taken_from_ddp_worker, n, tmp_path, timeout=120)
+    assert all(r["found"] and r["adopted"] for r in ranks), ranks
+    given = sum(r["raw"] for r in ranks)
+    kept = n * ranks[0]["applied"] + sum(r["residual"] for r in ranks)
+    assert abs(given - kept) < 1e-4 * max(1.0, abs(given)), (given, kept)
+    for r in ranks:
+        wrong_off, wrong_on = r["errors"]
+        assert "find_unused_parameters=False" in wrong_off and "find_unused_parameters=True" in wrong_off, wrong_off
+        assert "would be lost" in wrong_off
+        assert "find_unused_parameters=True" in wrong_on and "find_unused_parameters=False" in wrong_on, wrong_on
+
+
 # ---- a rank whose own work fails (plan, select, pack) ----
 
 POINTS = ("plan", "select", "pack")

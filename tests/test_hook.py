@@ -206,7 +206,7 @@ def test_deft_state_rejects_bad_arguments():
         DeftState(process_group="gloo")
     with pytest.raises(TypeError, match="grad_scaler must be None or a torch.amp.GradScaler"):
         DeftState(grad_scaler="scaler")
-    with pytest.raises(TypeError, match="find_unused_parameters must be a bool"):
+    with pytest.raises(TypeError, match="find_unused_parameters must be None or a bool"):
         DeftState(find_unused_parameters=1)
     state = DeftState(warmup_steps=2)
     with pytest.raises(ValueError, match="state_dict"):

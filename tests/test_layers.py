@@ -23,7 +23,7 @@ PACKAGE = Path(deft_kernels.__file__).parent
 #: Layer of each module (by its path under the package), lowest first; a module may import its own
 #: layer and the layers below.
 LAYERS = {
-    0: ("_C", "ops", "reference", "planning", "transfer", "triton_ops"),
+    0: ("_C", "_checks", "ops", "reference", "planning", "transfer", "triton_ops"),
     1: ("sparsifiers",),
     2: ("driver",),
     3: ("_integration", "hook", "training", "simulate", "benchmarks", "bench", "__init__"),
@@ -68,6 +68,19 @@ def test_every_import_points_down_or_sideways():
     assert not upward, upward
 
 
+def test_the_checks_are_one_module_that_the_kernels_share():
+    """The argument checks live in ``_checks``, which imports no other module of the package; the
+    Triton kernels use it and never reach into ``ops`` (whose fallback registration looks the Triton
+    implementations up in ``triton_ops.CUDA_IMPLS``, not by name)."""
+    def source(name):
+        return (PACKAGE / f"{name}.py").read_text()
+
+    assert _imports(source("_checks"), "_checks") == set()
+    assert "ops" not in _imports(source("triton_ops"), "triton_ops")
+    assert "_checks" in _imports(source("triton_ops"), "triton_ops") & _imports(source("ops"), "ops")
+    assert "def check_" not in source("ops") and "def _check_" not in source("ops")
+
+
 def test_the_import_check_finds_lazy_and_relative_imports():
     source = "from .. import ops\nfrom .base import Sparsifier\n\ndef f():\n    from ..driver import step\n"
     assert _imports(source, "sparsifiers.deft") == {"ops", "sparsifiers.base", "driver"}
@@ -104,3 +117,20 @@ print(int(sp.kernels.sparse_pack(acc, sel).numel()), loaded)
     count, modules = done.stdout.split(" ", 1)
     assert int(count) > 0
     assert "driver" not in modules and "hook" not in modules, modules
+
+
+def test_the_triton_table_covers_every_op_with_its_schema_arguments():
+    """Each op that can fall back to Triton on CUDA has an entry in ``triton_ops.CUDA_IMPLS`` that
+    takes exactly the op's schema arguments (the dispatcher passes them all, ``validate`` included)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    import torch
+
+    from deft_kernels import ops, triton_ops
+
+    assert set(triton_ops.CUDA_IMPLS) == set(ops._TRITON_FALLBACK_OPS)
+    for name, impl in triton_ops.CUDA_IMPLS.items():
+        schema = [a.name for a in getattr(torch.ops.deft_kernels, name).default._schema.arguments]
+        params = [p for p in inspect.signature(impl).parameters.values() if p.name != "block"]
+        assert [p.name for p in params] == schema, name

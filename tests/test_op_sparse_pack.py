@@ -2,6 +2,8 @@
 (reference.sparse_pack / sparse_unpack), compared exactly; with them the tests of the ops working
 together (conservation of the accumulated gradient, one compiled step)."""
 
+import types
+
 import pytest
 import torch
 
@@ -43,10 +45,11 @@ def test_sparse_unpack_matches_reference(seed, backend, dtype, count):
     torch.testing.assert_close(residual.cpu(), expected_residual, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_out_of_range_indices_are_skipped_not_accessed(backend):
-    # The Triton kernels run unvalidated input (validate=False) without a synchronising check: an
-    # index outside [0, n) must touch nothing.
+    # validate=False: the caller vouched for the indices and no layer scans them (the ops layer
+    # passes validate=False to the op, so the C++ binding does not scan either); an index outside
+    # [0, n) must still touch nothing, in every kernel. (Before the checks were one layer, the CPU
+    # binding scanned the indices whatever validate said and raised here.)
     values = torch.arange(1.0, 9.0, device=backend.device)
     idx = backend.tensor([2, 8, -1, 7])
     assert backend.unvalidated.sparse_pack(values, idx).tolist() == [3.0, 0.0, 0.0, 8.0]
@@ -110,20 +113,22 @@ def test_bad_input_does_not_modify_residual(backend):
                                     lambda f, a, residual: f.sparse_unpack(residual, a.t([3, 10]), a.X[:2], 1.0))
 
 
-# The C++ kernels repeat the checks memory safety needs, so validate=False (or a direct torch.ops
-# call) with out-of-range indices raises instead of reading or writing out of bounds. (The Triton
-# kernels skip such indices instead: test_out_of_range_indices_are_skipped_not_accessed.)
-UNVALIDATED_BAD = [
-    ("sparse_pack", lambda f, a: f.sparse_pack(a.X, a.t([10]))),
-    ("sparse_unpack", lambda f, a: f.sparse_unpack(a.X.clone(), a.t([-1]), a.X[:1], 1.0)),
+# A direct torch.ops call (the schema's validate defaults to True) checks the indices in the op,
+# once: the C++ binding on CPU, the Triton implementation on CUDA.
+DIRECT_BAD = [
+    ("sparse_pack", lambda op, a: op.sparse_pack(a.X, a.t([10]))),
+    ("sparse_unpack", lambda op, a: op.sparse_unpack(a.X.clone(), a.t([-1]), a.X[:1], 1.0)),
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
-@pytest.mark.parametrize("what,call", UNVALIDATED_BAD, ids=table_ids(UNVALIDATED_BAD))
-def test_kernel_checks_catch_unvalidated_bad_input(backend, what, call):
-    with pytest.raises(RuntimeError, match="indices must lie"):
-        call(backend.unvalidated, BadInputs(backend))
+@pytest.mark.parametrize("what,call", DIRECT_BAD, ids=table_ids(DIRECT_BAD))
+def test_a_direct_op_call_checks_the_indices(backend, what, call):
+    op = torch.ops.deft_kernels
+    if backend.name == "triton":  # the Triton implementation as the dispatcher calls it, validate left at its default
+        from deft_kernels import triton_ops as tk
+        op = types.SimpleNamespace(sparse_pack=tk._sparse_pack, sparse_unpack=tk._sparse_unpack)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\), got values in \[-?1[0]?, -?1[0]?\]"):
+        call(op, BadInputs(backend))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,9 +43,13 @@ the bucket's own buffer and returns it, as PowerSGD's hook does: no N-element ou
 ranks, and the bins rotate with the same offset.
 
 **Unused parameters.** With ``find_unused_parameters=True`` DDP discards the hook's output for a
-parameter no rank used in the iteration; anything sent there would be lost. Given
-``DeftState(find_unused_parameters=True)`` (the same value as DDP's; without it the state keeps no
-per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs
+parameter no rank used in the iteration; anything sent there would be lost. The state takes DDP's
+setting itself: at a new model's first hook call it finds the DDP model the hook was registered on
+(the list of comm hooks DDP keeps, found through the garbage collector's referrers: one look per
+model) and reads its ``find_unused_parameters``; a value given to ``DeftState`` must agree with it
+(a ``ValueError`` names both otherwise, at that first call, on every rank alike). Where no DDP model
+is found (a hook called some other way), ``find_unused_parameters=None`` counts as ``False``. With
+``True`` (without it the state keeps no per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs
 when the parameter's gradient is computed, before DDP's own hooks) and passes each step the
 parameters this rank used since the previous exchange (under ``no_sync``, in any of the accumulated
 iterations, as DDP counts them); the step exchanges these flags in its header, and a parameter no
@@ -101,6 +105,30 @@ class _BucketState:
     result: StepResult | None = None  # this iteration's step, once it has ended
 
 
+def registered_on(state: Any) -> Optional[torch.nn.Module]:
+    """The ``DistributedDataParallel`` model whose comm hooks include ``state`` (DDP keeps them as
+    ``(hook, state)`` pairs in a list), found through the garbage collector's referrers; ``None``
+    where there is none (a hook called directly, or by a wrapper that keeps the state elsewhere)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    for pair in gc.get_referrers(state):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and pair[1] is state):
+            continue
+        for hooks in gc.get_referrers(pair):
+            if not isinstance(hooks, list):
+                continue
+            for holder in gc.get_referrers(hooks):
+                owners = [holder] if isinstance(holder, DistributedDataParallel) else \
+                    [o for o in gc.get_referrers(holder) if isinstance(o, DistributedDataParallel)] \
+                    if isinstance(holder, dict) else []
+                for ddp in owners:
+                    if getattr(ddp, "_comm_hooks", None) is hooks:
+                        return ddp
+    return None
+
+
 class DeftState:
     """Everything the hook keeps between steps: one sparsifier and residual per DDP bucket, the
     iteration counter and the statistics.
@@ -120,9 +148,12 @@ class DeftState:
             residual stays as it was. Without it, a scaled gradient would pile up in the residual in
             the units of whatever scale was current, and an overflow step would leave its gradient
             there while the optimizer skips it.
-        find_unused_parameters: pass the value given to ``DistributedDataParallel``: with ``True``
-            the state tracks which parameters this rank used (a tensor hook per parameter, see the
-            module docstring); with ``False`` (DDP's default, where every parameter is used in every
+        find_unused_parameters: ``None`` (default): DDP's own setting, read from the DDP model at
+            the hook's first call (see the module docstring). ``True``/``False``: must equal the value
+            given to ``DistributedDataParallel`` (a ``ValueError`` at the first call otherwise: with
+            DDP's ``True`` and the state's ``False``, updates to a parameter no rank used would be
+            lost). With ``True`` the state tracks which parameters this rank used (a tensor hook per
+            parameter); with ``False`` (DDP's default, where every parameter is used in every
             iteration) it registers none, and a step does no per-parameter work.
         **sparsifier_kwargs: passed to the sparsifier (e.g. ``threshold=`` for "threshold";
             ``residual_dtype=`` to choose the residual's dtype, by default fp32 for 16-bit
@@ -137,12 +168,13 @@ class DeftState:
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, sparsifier: SparsifierSpec = "deft",
                  density: float = 0.01, warmup_steps: int = 10, *, grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 find_unused_parameters: bool = False, **sparsifier_kwargs: Any) -> None:
+                 find_unused_parameters: Optional[bool] = None, **sparsifier_kwargs: Any) -> None:
         check_group("process_group", process_group)
         self.grad_scaler = check_grad_scaler(grad_scaler)
-        if not isinstance(find_unused_parameters, bool):
-            raise TypeError(f"find_unused_parameters must be a bool, got {type(find_unused_parameters).__name__}")
-        self.find_unused_parameters = find_unused_parameters
+        if find_unused_parameters is not None and not isinstance(find_unused_parameters, bool):
+            raise TypeError(f"find_unused_parameters must be None or a bool, got {type(find_unused_parameters).__name__}")
+        self.find_unused_parameters_arg = find_unused_parameters  # as given; None: DDP's
+        self.find_unused_parameters = bool(find_unused_parameters)  # in effect (set again from DDP's)
         self.process_group = process_group
         self.sparsifier = check_sparsifier_spec(sparsifier)
         self.density = check_density(density)
@@ -223,16 +255,34 @@ class DeftState:
         """Pickle without the process group (it becomes the default group, as in PowerSGD's state),
         without the grad scaler (pass the loop's own to the unpickled state: ``state.grad_scaler =
         scaler``) and without the link to the DDP model."""
-        keep = ("sparsifier", "density", "warmup_steps", "find_unused_parameters", "sparsifier_kwargs", "_log")
+        keep = ("sparsifier", "density", "warmup_steps", "find_unused_parameters", "find_unused_parameters_arg",
+                "sparsifier_kwargs", "_log")
         return {"config": {k: self.__dict__[k] for k in keep}, "state": self.state_dict()}
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         self.__dict__.update(pickled["config"])
+        self.__dict__.setdefault("find_unused_parameters_arg", self.find_unused_parameters)  # pickled before it
         self.process_group = None
         self.grad_scaler = None
         self._restore(pickled["state"])
 
     # ---- what the hook calls ----
+
+    def _adopt_ddp_setting(self) -> None:
+        """Take ``find_unused_parameters`` from the DDP model this state is registered on, or check
+        the value given against it (module docstring, "Unused parameters")."""
+        ddp = registered_on(self)
+        if ddp is None:
+            self.find_unused_parameters = bool(self.find_unused_parameters_arg)
+            return
+        theirs = bool(ddp.find_unused_parameters)
+        if self.find_unused_parameters_arg is not None and self.find_unused_parameters_arg != theirs:
+            raise ValueError(f"DeftState(find_unused_parameters={self.find_unused_parameters_arg}) but the "
+                             f"DistributedDataParallel model it is registered on has find_unused_parameters="
+                             f"{theirs}: pass the same value, or leave DeftState's at None to take DDP's"
+                             + (" (with False here, updates to a parameter no rank used would be lost)" if theirs
+                                else ""))
+        self.find_unused_parameters = theirs
 
     def _begin_bucket(self, bucket: dist.GradBucket) -> None:
         """On the iteration's first bucket, decide how the whole iteration runs: "dense" (warm-up, or
@@ -245,6 +295,7 @@ class DeftState:
             new_model = bucket.parameters()[0] not in self._positions
             if new_model:
                 self._forget_parameters()
+                self._adopt_ddp_setting()
             self._new_model = new_model
             if self.iter < self.warmup_steps:
                 self._mode = "dense"

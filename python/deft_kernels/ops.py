@@ -22,11 +22,16 @@ it (validation, or ``segmented_topk``'s launch plan) copies it to the host, whic
 Any other device is an error. (``threshold_select``'s output size depends on the data, so its CUDA
 kernel reads one count back however the metadata is passed.)
 
-Checks that read tensor data (offsets increasing, k in range, indices in bounds) cost a pass over
-small tensors; on CPU metadata they never touch the GPU. ``sparse_pack``/``sparse_unpack`` check
-their ``indices``, which are data on the values' device: that check synchronises, so pass
+**Input checks, one layer.** The checks live in ``deft_kernels._checks``, shared with the Triton
+kernels. Those that read tensor data (offsets increasing, k in range, indices in bounds) cost a
+pass over small tensors; on CPU metadata they never touch the GPU. ``sparse_pack``/``sparse_unpack``
+check their ``indices``, which are data on the values' device: that check synchronises, so pass
 ``validate=False`` in hot loops whose inputs come from the planner, which builds them valid by
-construction.
+construction. Either way the op below is told not to scan the indices again (its schema's
+``validate``, which a direct ``torch.ops.deft_kernels`` call leaves at ``True``), and an
+out-of-range index that reaches a kernel unchecked is skipped, never read or written. The C++ ops
+re-check the host metadata (O(F), read there anyway to plan the launch) so that a direct call with
+bad metadata raises instead of reading out of bounds.
 
 On CUDA tensors, ``accumulate_norms``, ``segmented_topk`` and ``threshold_select`` run the CUDA
 kernels of the extension (``csrc/cuda``) when it was built with CUDA. Every op with no CUDA kernel
@@ -40,152 +45,10 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.deft_kernels.*)
+from . import _checks
+from ._checks import SUPPORTED_DTYPES
 
 __all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack", "SUPPORTED_DTYPES"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_tensor(name: str, t, *, dtypes=None, dim: int | None = 1) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-
-
-def _check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
-
-
-def _check_metadata_device(ref_name: str, ref: torch.Tensor, **metadata: torch.Tensor | None) -> None:
-    for name, t in metadata.items():
-        if t is not None and isinstance(t, torch.Tensor) and t.device.type != "cpu" and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but must be on the CPU (no synchronisation) or on "
-                             f"{ref_name}'s device {ref.device}")
-
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU: itself if it is there, else a copy (which synchronises with its device)."""
-    return t if t.device.type == "cpu" else t.cpu()
-
-
-def _check_offsets(offsets, n: int, validate: bool) -> None:
-    _check_tensor("offsets", offsets, dtypes=(torch.int64,))
-    if offsets.numel() < 1:
-        raise ValueError("offsets must have at least one element (F + 1 for F fragments)")
-    if not validate:
-        return
-    offsets = _host(offsets)
-    first, last = offsets[0].item(), offsets[-1].item()
-    if first != 0:
-        raise ValueError(f"offsets[0] must be 0, got {first}")
-    if last != n:
-        raise ValueError(f"offsets[-1] must equal the vector length {n}, got {last}")
-    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-        bad = int(torch.nonzero(offsets[1:] < offsets[:-1])[0]) + 1
-        raise ValueError(f"offsets must be non-decreasing, but offsets[{bad}] < offsets[{bad - 1}]")
-
-
-def _check_ids(name: str, kind: str, ids: torch.Tensor | None, count: int) -> None:
-    """Fragment or segment ids (``kind``) in ``[0, count)``, read on the host."""
-    if ids is not None and ids.numel() > 0:
-        lo, hi = torch.aminmax(_host(ids))
-        if lo.item() < 0 or hi.item() >= count:
-            raise ValueError(f"{name} must hold {kind} ids in [0, {count}), got values in [{lo.item()}, {hi.item()}]")
-
-
-def _check_indices(indices, n: int, validate: bool) -> None:
-    _check_tensor("indices", indices, dtypes=(torch.int64,))
-    if validate and indices.numel() > 0:
-        lo, hi = torch.aminmax(indices)
-        if lo.item() < 0 or hi.item() >= n:
-            raise ValueError(f"indices must lie in [0, {n}), got values in [{lo.item()}, {hi.item()}]")
-
-
-# Argument checks of each op, shared with the Triton entry points (deft_kernels.triton_ops).
-
-
-def _check_accumulate_norms_args(grad, residual, offsets, validate: bool) -> None:
-    _check_tensor("grad", grad, dtypes=SUPPORTED_DTYPES)
-    _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
-    _check_same_device("grad", grad, residual=residual)
-    _check_metadata_device("grad", grad, offsets=offsets)
-    if residual.dtype != grad.dtype:
-        raise TypeError(f"residual dtype {residual.dtype} must match grad dtype {grad.dtype}")
-    if residual.numel() != grad.numel():
-        raise ValueError(f"residual length {residual.numel()} must match grad length {grad.numel()}")
-    if not residual.is_contiguous():
-        raise ValueError("residual must be contiguous (it is updated in place)")
-    _check_offsets(offsets, grad.numel(), validate)
-
-
-def _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate: bool) -> None:
-    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    _check_metadata_device("values", values, offsets=offsets, k=k, fragments=fragments)
-    _check_offsets(offsets, values.numel(), validate)
-    _check_tensor("k", k, dtypes=(torch.int64,))
-    num_frags = offsets.numel() - 1
-    if k.numel() != num_frags:
-        raise ValueError(f"k must have one entry per fragment ({num_frags}), got {k.numel()}")
-    if fragments is not None:
-        _check_tensor("fragments", fragments, dtypes=(torch.int64,))
-    if not isinstance(index_base, int) or index_base < 0:
-        raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
-    if validate:
-        offsets, k = _host(offsets), _host(k)
-        sizes = offsets[1:] - offsets[:-1]
-        bad = (k < 0) | (k > sizes)
-        if bool(bad.any()):
-            f = int(torch.nonzero(bad)[0])
-            raise ValueError(f"k[{f}] = {int(k[f])} must lie in [0, {int(sizes[f])}] (the size of fragment {f})")
-        _check_ids("fragments", "fragment", fragments, num_frags)
-
-
-def _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate: bool) -> None:
-    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    _check_metadata_device("values", values, offsets=offsets, thresholds=thresholds, segments=segments)
-    _check_offsets(offsets, values.numel(), validate)
-    _check_tensor("thresholds", thresholds, dtypes=(torch.float32,))
-    num_segs = offsets.numel() - 1
-    if thresholds.numel() != num_segs:
-        raise ValueError(f"thresholds must have one entry per segment ({num_segs}), got {thresholds.numel()}")
-    if segments is not None:
-        _check_tensor("segments", segments, dtypes=(torch.int64,))
-    if not isinstance(index_base, int) or index_base < 0:
-        raise ValueError(f"index_base must be a non-negative int, got {index_base!r}")
-    if validate:
-        nan = torch.isnan(_host(thresholds))
-        if bool(nan.any()):
-            raise ValueError(f"thresholds[{int(torch.nonzero(nan)[0])}] is NaN; a threshold must be a number "
-                             "(+inf selects only infinities and NaNs, 0 every non-zero element)")
-        _check_ids("segments", "segment", segments, num_segs)
-
-
-def _check_sparse_pack_args(values, indices, validate: bool) -> None:
-    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    _check_same_device("values", values, indices=indices)
-    _check_indices(indices, values.numel(), validate)
-
-
-def _check_sparse_unpack_args(residual, indices, values, scale, validate: bool) -> None:
-    _check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
-    _check_tensor("values", values, dtypes=SUPPORTED_DTYPES)
-    _check_same_device("residual", residual, indices=indices, values=values)
-    if values.dtype != residual.dtype:
-        raise TypeError(f"values dtype {values.dtype} must match residual dtype {residual.dtype}")
-    if not residual.is_contiguous():
-        raise ValueError("residual must be contiguous (it is updated in place)")
-    _check_indices(indices, residual.numel(), validate)
-    if values.numel() != indices.numel():
-        raise ValueError(f"values length {values.numel()} must match indices length {indices.numel()}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-
 
 def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor, *,
                      validate: bool = True) -> torch.Tensor:
@@ -197,7 +60,7 @@ def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.
     have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
     ``offsets`` may be a CPU tensor next to CUDA data (uploaded without synchronising).
     """
-    _check_accumulate_norms_args(grad, residual, offsets, validate)
+    _checks.accumulate_norms_args(grad, residual, offsets, validate)
     return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)
 
 
@@ -219,7 +82,7 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
     On CUDA values pass ``offsets``, ``k`` and ``fragments`` as CPU tensors: the call then never
     waits for the GPU (metadata on the GPU is copied to the host first, which synchronises).
     """
-    _check_segmented_topk_args(values, offsets, k, fragments, index_base, validate)
+    _checks.segmented_topk_args(values, offsets, k, fragments, index_base, validate)
     return torch.ops.deft_kernels.segmented_topk(values.contiguous(), offsets, k, fragments, index_base)
 
 
@@ -243,14 +106,15 @@ def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: to
     device (copied to the host first). The output size depends on the data, so the CUDA kernel
     reads one count back from the device before it allocates the output.
     """
-    _check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate)
+    _checks.threshold_select_args(values, offsets, thresholds, segments, index_base, validate)
     return torch.ops.deft_kernels.threshold_select(values.contiguous(), offsets, thresholds, segments, index_base)
 
 
 def sparse_pack(values: torch.Tensor, indices: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Gather: ``values[indices]`` into a new contiguous buffer (the values to all-reduce)."""
-    _check_sparse_pack_args(values, indices, validate)
-    return torch.ops.deft_kernels.sparse_pack(values.contiguous(), indices.contiguous())
+    _checks.sparse_pack_args(values, indices, validate)
+    # checked above (or vouched for): the op does not scan the indices again
+    return torch.ops.deft_kernels.sparse_pack(values.contiguous(), indices.contiguous(), False)
 
 
 def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, *,
@@ -261,8 +125,9 @@ def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.T
     (fp32 product, one rounding). ``residual[indices]`` is set to zero in place. Indices should be
     distinct (DEFT's are by construction); with repeats, which value lands is unspecified.
     """
-    _check_sparse_unpack_args(residual, indices, values, scale, validate)
-    return torch.ops.deft_kernels.sparse_unpack(residual, indices.contiguous(), values.contiguous(), float(scale))
+    _checks.sparse_unpack_args(residual, indices, values, scale, validate)
+    return torch.ops.deft_kernels.sparse_unpack(residual, indices.contiguous(), values.contiguous(), float(scale),
+                                                False)
 
 
 @torch.library.register_fake("deft_kernels::accumulate_norms")
@@ -283,12 +148,12 @@ def _(values, offsets, thresholds, segments=None, index_base=0):
 
 
 @torch.library.register_fake("deft_kernels::sparse_pack")
-def _(values, indices):
+def _(values, indices, validate=True):
     return values.new_empty(indices.shape[0])
 
 
 @torch.library.register_fake("deft_kernels::sparse_unpack")
-def _(residual, indices, values, scale):
+def _(residual, indices, values, scale, validate=True):
     return torch.empty_like(residual)
 
 
@@ -306,7 +171,7 @@ def _triton_fallback(name: str):
         except ImportError as e:
             raise RuntimeError(f"deft_kernels.{name} on CUDA tensors needs the Triton kernels (pip install triton): "
                                f"this build of the extension has no CUDA kernel for it") from e
-        return getattr(triton_ops, f"_{name}")(*args)
+        return triton_ops.CUDA_IMPLS[name](*args)
 
     impl.__name__ = f"{name}_triton_fallback"
     return impl

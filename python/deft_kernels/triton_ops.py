@@ -49,10 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ops as _ops
+from . import _checks
 
-__all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack",
-           "register_cuda_impls"]
+__all__ = ["accumulate_norms", "segmented_topk", "threshold_select", "sparse_pack", "sparse_unpack", "CUDA_IMPLS"]
 
 # Bits of the magnitude key as a signed integer of the dtype's width, and the radix digits
 # (shift, width) from the top. The top digit is histogrammed over the most elements, so it is widest.
@@ -142,7 +141,7 @@ def _accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch
 def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Triton ``accumulate_norms`` (see :func:`deft_kernels.ops.accumulate_norms`); ``grad`` may be
     strided (read in place, no copy)."""
-    _ops._check_accumulate_norms_args(grad, residual, offsets, validate=True)
+    _checks.accumulate_norms_args(grad, residual, offsets, validate=True)
     return _accumulate_norms(grad, residual, offsets)
 
 
@@ -170,7 +169,9 @@ def _unpack_kernel(r_ptr, n, idx_ptr, v_ptr, v_stride, m, scale, out_ptr, BLOCK:
     tl.store(r_ptr + j, tl.zeros_like(v).to(r_ptr.dtype.element_ty), mask=ok)
 
 
-def _sparse_pack(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _sparse_pack(values: torch.Tensor, indices: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    if validate:  # a direct torch.ops call; deft_kernels.ops has checked and passes False
+        _checks.check_indices(indices, values.numel(), True)
     indices = indices.contiguous()
     m = indices.numel()
     out = torch.empty(m, dtype=values.dtype, device=values.device)
@@ -180,7 +181,10 @@ def _sparse_pack(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+def _sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float,
+                   validate: bool = True) -> torch.Tensor:
+    if validate:  # a direct torch.ops call; deft_kernels.ops has checked and passes False
+        _checks.check_indices(indices, residual.numel(), True)
     indices = indices.contiguous()
     m = indices.numel()
     out = torch.zeros_like(residual, memory_format=torch.contiguous_format)
@@ -192,14 +196,14 @@ def _sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.
 
 def sparse_pack(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Triton ``sparse_pack``: ``values[indices]`` (``values`` may be strided)."""
-    _ops._check_sparse_pack_args(values, indices, validate=True)
-    return _sparse_pack(values, indices)
+    _checks.sparse_pack_args(values, indices, validate=True)
+    return _sparse_pack(values, indices, validate=False)
 
 
 def sparse_unpack(residual: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """Triton ``sparse_unpack``: zeros except ``out[indices] = values * scale``; ``residual[indices] = 0``."""
-    _ops._check_sparse_unpack_args(residual, indices, values, scale, validate=True)
-    return _sparse_unpack(residual, indices, values, scale)
+    _checks.sparse_unpack_args(residual, indices, values, scale, validate=True)
+    return _sparse_unpack(residual, indices, values, scale, validate=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def segmented_topk(values: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
                    block: int = TOPK_BLOCK) -> torch.Tensor:
     """Triton ``segmented_topk`` (see :func:`deft_kernels.ops.segmented_topk`); ``values`` may be
     strided. ``block`` is the tile size in elements (a power of two), a tuning knob only."""
-    _ops._check_segmented_topk_args(values, offsets, k, fragments, index_base, validate=True)
+    _checks.segmented_topk_args(values, offsets, k, fragments, index_base, validate=True)
     _check_block(block)
     return _segmented_topk(values, offsets, k, fragments, index_base, block)
 
@@ -432,14 +436,15 @@ def threshold_select(values: torch.Tensor, offsets: torch.Tensor, thresholds: to
                      block: int = SELECT_BLOCK) -> torch.Tensor:
     """Triton ``threshold_select`` (see :func:`deft_kernels.ops.threshold_select`); ``values`` may be
     strided. ``block`` is the tile size in elements (a power of two), a tuning knob only."""
-    _ops._check_threshold_select_args(values, offsets, thresholds, segments, index_base, validate=True)
+    _checks.threshold_select_args(values, offsets, thresholds, segments, index_base, validate=True)
     _check_block(block)
     return _threshold_select(values, offsets, thresholds, segments, index_base, block)
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration: deft_kernels.ops registers these functions as the CUDA implementation of the ops
-# the extension has no CUDA kernel for (at import, lazily; the list is ops.TRITON_FALLBACK). The
-# name below is that (idempotent) registration.
+# Registration: deft_kernels.ops registers these functions, by this table, as the CUDA implementation
+# of each op the extension has no CUDA kernel for (on the first call that needs one; the names it
+# registered are ops.TRITON_FALLBACK). Each takes the op's schema arguments, ``validate`` included.
 
-register_cuda_impls = _ops._register_triton_fallbacks
+CUDA_IMPLS = {"accumulate_norms": _accumulate_norms, "segmented_topk": _segmented_topk,
+              "threshold_select": _threshold_select, "sparse_pack": _sparse_pack, "sparse_unpack": _sparse_unpack}
