@@ -46,7 +46,8 @@ ranks, and the bins rotate with the same offset.
 parameter no rank used in the iteration; anything sent there would be lost. The state takes DDP's
 setting itself: at a new model's first hook call it finds the DDP model the hook was registered on
 (the list of comm hooks DDP keeps, found through the garbage collector's referrers: one look per
-model) and reads its ``find_unused_parameters``; a value given to ``DeftState`` must agree with it
+model, 85 ms in a process holding GPT-2 small's DDP model, about 300,000 tracked objects, on the
+2-core CPU VM, torch 2.13) and reads its ``find_unused_parameters``; a value given to ``DeftState`` must agree with it
 (a ``ValueError`` names both otherwise, at that first call, on every rank alike). Where no DDP model
 is found (a hook called some other way), ``find_unused_parameters=None`` counts as ``False``. With
 ``True`` (without it the state keeps no per-parameter bookkeeping at all), the state registers a tensor hook on every parameter (it runs
