@@ -171,15 +171,37 @@ def _adding_to(total: torch.Tensor):
     return hook
 
 
+def _own_gradients(params) -> list[torch.Tensor]:
+    """One tensor per parameter that sums this rank's own gradients over iterations (a tensor hook,
+    before DDP sees them)."""
+    raw = [torch.zeros_like(p) for p in params]
+    for p, acc in zip(params, raw):
+        p.register_hook(_adding_to(acc))
+    return raw
+
+
+def _train_branchy(net, model, params, rank) -> list[torch.Tensor]:
+    """STEPS iterations of ``_Branchy`` under DDP (the rare branch in RARE_STEPS, the local one on
+    rank 0); returns what DDP left in p.grad, summed over them."""
+    applied = [torch.zeros_like(p) for p in params]
+    gen = torch.Generator().manual_seed(rank)
+    for t in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+        F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
+        for p, acc in zip(params, applied):
+            if p.grad is not None:
+                acc.add_(p.grad)
+    return applied
+
+
 @gloo_rank
 def _unused_worker(rank, world_size, out_dir):
     results = {}
     for name in sorted(SPARSIFIERS):
         model = _Branchy()
         params = list(model.parameters())
-        raw = [torch.zeros_like(p) for p in params]  # this rank's own gradients, summed over iterations
-        for p, acc in zip(params, raw):
-            p.register_hook(_adding_to(acc))
+        raw = _own_gradients(params)
         net = DDP(model, find_unused_parameters=True)
         extra = {"threshold": 0.02} if name == "threshold" else {}  # low enough to send part of the rare branch
         state = DeftState(sparsifier=name, density=0.2, warmup_steps=1, find_unused_parameters=True, **extra)
@@ -190,15 +212,7 @@ def _unused_worker(rank, world_size, out_dir):
             return deft_hook(state, bucket)
 
         net.register_comm_hook(state, hook)
-        applied = [torch.zeros_like(p) for p in params]  # what DDP left in p.grad, summed
-        gen = torch.Generator().manual_seed(rank)
-        for t in range(STEPS):
-            model.zero_grad(set_to_none=True)
-            x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
-            F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
-            for p, acc in zip(params, applied):
-                if p.grad is not None:
-                    acc.add_(p.grad)
+        applied = _train_branchy(net, model, params, rank)
         residual = [torch.zeros_like(p) for p in params]
         for index, sp in state.sparsifiers.items():
             if sp.residual is not None:
@@ -232,22 +246,12 @@ def _taken_from_ddp_worker(rank, world_size, out_dir):
 
     model = _Branchy()
     params = list(model.parameters())
-    raw = [torch.zeros_like(p) for p in params]
-    for p, acc in zip(params, raw):
-        p.register_hook(_adding_to(acc))
+    raw = _own_gradients(params)
     net = DDP(model, find_unused_parameters=True)
     state = DeftState(sparsifier="deft", density=0.2, warmup_steps=1)
     net.register_comm_hook(state, deft_hook)
     found = registered_on(state) is net
-    applied = [torch.zeros_like(p) for p in params]
-    gen = torch.Generator().manual_seed(rank)
-    for t in range(STEPS):
-        model.zero_grad(set_to_none=True)
-        x, y = torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)
-        F.cross_entropy(net(x, t in RARE_STEPS, rank == 0), y).backward()
-        for p, acc in zip(params, applied):
-            if p.grad is not None:
-                acc.add_(p.grad)
+    applied = _train_branchy(net, model, params, rank)
     residual = sum(float(sp.residual.double().sum()) for sp in state.sparsifiers.values() if sp.residual is not None)
     errors = []
     for ddp_flag, given in ((True, False), (False, True)):
