@@ -36,8 +36,7 @@ at::Tensor sparse_pack(const at::Tensor& values, const at::Tensor& indices) {
   at::Tensor out = at::empty({indices.numel()}, values.options());
   DEFT_DISPATCH_FLOATS(values.scalar_type(), "sparse_pack", [&] {
     pack_impl<scalar_t>(values.const_data_ptr<scalar_t>(), values.numel(), indices.const_data_ptr<int64_t>(),
-                        indices.numel(),
-                        out.mutable_data_ptr<scalar_t>());
+                        indices.numel(), out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

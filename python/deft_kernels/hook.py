@@ -79,11 +79,13 @@ A state serves one DDP model: register a loaded state on a freshly built model, 
 iteration.
 """
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_grad_scaler, check_group, check_int,
@@ -106,27 +108,22 @@ class _BucketState:
     result: StepResult | None = None  # this iteration's step, once it has ended
 
 
+def _holders(obj: Any):
+    """The objects that hold ``obj`` as an attribute: directly (an instance whose attributes live
+    inline) or through their ``__dict__``."""
+    for holder in gc.get_referrers(obj):
+        yield from gc.get_referrers(holder) if isinstance(holder, dict) else (holder,)
+
+
 def registered_on(state: Any) -> Optional[torch.nn.Module]:
     """The ``DistributedDataParallel`` model whose comm hooks include ``state`` (DDP keeps them as
     ``(hook, state)`` pairs in a list), found through the garbage collector's referrers; ``None``
     where there is none (a hook called directly, or by a wrapper that keeps the state elsewhere)."""
-    import gc
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    for pair in gc.get_referrers(state):
-        if not (isinstance(pair, tuple) and len(pair) == 2 and pair[1] is state):
-            continue
-        for hooks in gc.get_referrers(pair):
-            if not isinstance(hooks, list):
-                continue
-            for holder in gc.get_referrers(hooks):
-                owners = [holder] if isinstance(holder, DistributedDataParallel) else \
-                    [o for o in gc.get_referrers(holder) if isinstance(o, DistributedDataParallel)] \
-                    if isinstance(holder, dict) else []
-                for ddp in owners:
-                    if getattr(ddp, "_comm_hooks", None) is hooks:
-                        return ddp
+    pairs = [p for p in gc.get_referrers(state) if isinstance(p, tuple) and len(p) == 2 and p[1] is state]
+    for hooks in (h for pair in pairs for h in gc.get_referrers(pair) if isinstance(h, list)):
+        for ddp in _holders(hooks):
+            if isinstance(ddp, DistributedDataParallel) and getattr(ddp, "_comm_hooks", None) is hooks:
+                return ddp
     return None
 
 
@@ -175,8 +172,8 @@ class DeftState:
         if find_unused_parameters is not None and not isinstance(find_unused_parameters, bool):
             raise TypeError("find_unused_parameters must be None or a bool, got "
                             f"{type(find_unused_parameters).__name__}")
-        self.find_unused_parameters_arg = find_unused_parameters  # as given; None: DDP's
-        self.find_unused_parameters = bool(find_unused_parameters)  # in effect (set again from DDP's)
+        self._find_unused_given = find_unused_parameters  # None: DDP's
+        self.find_unused_parameters = bool(find_unused_parameters)  # in effect; DDP's once the hook finds it
         self.process_group = process_group
         self.sparsifier = check_sparsifier_spec(sparsifier)
         self.density = check_density(density)
@@ -257,13 +254,13 @@ class DeftState:
         """Pickle without the process group (it becomes the default group, as in PowerSGD's state),
         without the grad scaler (pass the loop's own to the unpickled state: ``state.grad_scaler =
         scaler``) and without the link to the DDP model."""
-        keep = ("sparsifier", "density", "warmup_steps", "find_unused_parameters", "find_unused_parameters_arg",
+        keep = ("sparsifier", "density", "warmup_steps", "find_unused_parameters", "_find_unused_given",
                 "sparsifier_kwargs", "_log")
         return {"config": {k: self.__dict__[k] for k in keep}, "state": self.state_dict()}
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         self.__dict__.update(pickled["config"])
-        self.__dict__.setdefault("find_unused_parameters_arg", self.find_unused_parameters)  # pickled before it
+        self.__dict__.setdefault("_find_unused_given", self.find_unused_parameters)  # pickled before it
         self.process_group = None
         self.grad_scaler = None
         self._restore(pickled["state"])
@@ -272,18 +269,18 @@ class DeftState:
 
     def _adopt_ddp_setting(self) -> None:
         """Take ``find_unused_parameters`` from the DDP model this state is registered on, or check
-        the value given against it (module docstring, "Unused parameters")."""
-        ddp = registered_on(self)
+        the value given against it (module docstring, "Unused parameters"). Without a DDP model the
+        value given counts (``False`` for ``None``)."""
+        ddp, given = registered_on(self), self._find_unused_given
         if ddp is None:
-            self.find_unused_parameters = bool(self.find_unused_parameters_arg)
+            self.find_unused_parameters = bool(given)
             return
         theirs = bool(ddp.find_unused_parameters)
-        if self.find_unused_parameters_arg is not None and self.find_unused_parameters_arg != theirs:
-            raise ValueError(f"DeftState(find_unused_parameters={self.find_unused_parameters_arg}) but the "
-                             f"DistributedDataParallel model it is registered on has find_unused_parameters="
-                             f"{theirs}: pass the same value, or leave DeftState's at None to take DDP's"
-                             + (" (with False here, updates to a parameter no rank used would be lost)" if theirs
-                                else ""))
+        if given is not None and given != theirs:
+            lost = " (with False here, updates to a parameter no rank used would be lost)" if theirs else ""
+            raise ValueError(f"DeftState(find_unused_parameters={given}) but the DistributedDataParallel model it "
+                             f"is registered on has find_unused_parameters={theirs}: pass the same value, or leave "
+                             f"DeftState's at None to take DDP's{lost}")
         self.find_unused_parameters = theirs
 
     def _begin_bucket(self, bucket: dist.GradBucket) -> None:
