@@ -5,6 +5,7 @@
 ``torchrun --nproc_per_node=2 examples/<file>.py`` each process runs the example once.
 """
 
+import gc
 import os
 import socket
 from contextlib import contextmanager
@@ -45,6 +46,17 @@ def gloo_process_group():
         yield dist.get_rank()
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
+        dist.destroy_process_group()
+
+
+def end_process_group() -> None:
+    """After ``Trainer.fit``, which leaves the process group up: the caller has dropped its trainer
+    (and with it the DDP model); collect it, then barrier and destroy the group while the interpreter
+    is whole. Left to interpreter shutdown, gloo's and DDP's teardown aborted a process now and then
+    (docs/operations.md, "End cleanly")."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
-from _common import report, task
+from _common import end_process_group, report, task
 from deft_kernels import DeftState, deft_hook
 
 
@@ -58,6 +58,8 @@ def main() -> None:
     trainer.fit(ToyTask())
     if trainer.global_rank == 0:
         print(f"sparse steps {state.compression_stats()['steps']}, density sent {state.compression_stats()['density']:.4f}")
+    del trainer, strategy
+    end_process_group()
 
 
 if __name__ == "__main__":

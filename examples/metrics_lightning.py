@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
-from _common import report, task
+from _common import end_process_group, report, task
 from deft_kernels import DeftState
 from deft_kernels.metrics import Metrics
 
@@ -65,6 +65,8 @@ def main(log_dir: str) -> None:
                         max_epochs=1, use_distributed_sampler=False, logger=CSVLogger(log_dir), log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(ToyTask(metrics))
+    del trainer, strategy
+    end_process_group()
 
 
 if __name__ == "__main__":
