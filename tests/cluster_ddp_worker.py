@@ -1,5 +1,8 @@
 """A few DDP steps with the DEFT hook, one process per node of an emulated cluster (tests/test_cluster.py
-launches it with a multi-node torchrun). Prints one JSON line: this rank's stats and a parameter checksum."""
+launches it with a multi-node torchrun). Prints one JSON line: this rank's stats and a parameter checksum.
+
+bench/exit_abort.py runs it with two switches off, to measure what they are for: DEFT_WORKER_HOOK=0
+(plain DDP, no comm hook) and DEFT_WORKER_RELEASE=0 (DDP left alive to interpreter shutdown)."""
 
 import gc
 import json
@@ -21,7 +24,9 @@ model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn
                             torch.nn.ReLU(), torch.nn.Linear(1024, 10))
 ddp = DDP(model, bucket_cap_mb=0.25)  # the last two layers fill DDP's first bucket (1 MB), the first one a second
 state = DeftState(sparsifier="deft", density=0.05, warmup_steps=1)
-ddp.register_comm_hook(state, deft_hook)
+HOOK = os.environ.get("DEFT_WORKER_HOOK", "1") != "0"
+if HOOK:
+    ddp.register_comm_hook(state, deft_hook)
 opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
 gen = torch.Generator().manual_seed(rank)
 for _ in range(steps):
@@ -34,12 +39,13 @@ checksum = torch.cat([p.detach().flatten() for p in model.parameters()])
 gathered = [torch.empty_like(checksum) for _ in range(world)]
 dist.all_gather(gathered, checksum)
 print(json.dumps({"rank": rank, "world": world, "node": os.environ.get("DEFT_CLUSTER_NODE"),
-                  "stats": state.compression_stats(), "buckets": len(state.last_stats),
+                  "stats": state.compression_stats() if HOOK else None, "buckets": len(state.last_stats),
                   "same_params": all(torch.equal(g, checksum) for g in gathered)}), flush=True)
 # Release DDP (whose C++ reducer holds the hook and its state) and gloo's work while the interpreter
 # is whole: left to interpreter shutdown, their destruction aborted the process now and then
-# ("terminate called without an active exception" after the last line above; about 1 run in 6 here).
+# ("terminate called without an active exception" after the last line above: bench/exit_abort.py).
 dist.barrier()
-del ddp, opt, state, gathered
-gc.collect()
+if os.environ.get("DEFT_WORKER_RELEASE", "1") != "0":
+    del ddp, opt, state, gathered
+    gc.collect()
 dist.destroy_process_group()
