@@ -267,3 +267,28 @@ def test_cli_default_mode_is_worker_count(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     assert "--workers" in capsys.readouterr().out
+
+
+def _bench_script(name: str, *args: str):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / name
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_lookup_cost_finds_the_model_and_reports():
+    done = _bench_script("ddp_lookup_cost.py", "--model", "ncf", "--reps", "2")
+    assert done.returncode == 0, done.stderr
+    assert "# python bench/ddp_lookup_cost.py --model ncf --reps 2" in done.stdout
+    assert "objects tracked; lookup median" in done.stdout and "(first " in done.stdout
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("ddp_lookup_cost.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
+    ("exit_abort.py", ["--runs", "0"], "--runs must be at least 1, got 0"),
+])
+def test_bench_scripts_refuse_bad_counts(script, args, message):
+    done = _bench_script(script, *args)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

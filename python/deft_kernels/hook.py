@@ -46,19 +46,20 @@ ranks, and the bins rotate with the same offset.
 parameter no rank used in the iteration; anything sent there would be lost. The state takes DDP's
 setting itself: at a new model's first hook call it finds the DDP model the hook was registered on
 (the list of comm hooks DDP keeps, found through the garbage collector's referrers: one look per
-model, 85 ms in a process holding GPT-2 small's DDP model, about 300,000 tracked objects, on the
-2-core CPU VM, torch 2.13) and reads its ``find_unused_parameters``; a value given to ``DeftState``
-must agree with it (a ``ValueError`` names both otherwise, at that first call, on every rank alike).
-Where no DDP model is found (a hook called some other way), ``find_unused_parameters=None`` counts
-as ``False``. With ``True`` (without it the state keeps no per-parameter bookkeeping at all), the
-state registers a tensor hook on every parameter (it runs when the parameter's gradient is computed,
-before DDP's own hooks) and passes each step the parameters this rank used since the previous
-exchange (under ``no_sync``, in any of the accumulated iterations, as DDP counts them); the step
-exchanges these flags in its header, and a parameter no rank used keeps its residual whole (see
-:mod:`deft_kernels.driver.program`). In a new DDP model's first iteration the tensor hooks are
-registered too late to fire; when that iteration is sparse (resuming from a checkpoint), a parameter
-counts as used where its local gradient is not all zeros, which also keeps everything: a parameter
-excluded while in use gets a zero output and keeps its residual for later.
+model: 70 ms in a process holding GPT-2 small's DDP model, about 300,000 tracked objects, on a
+2-core CPU VM, torch 2.13, by ``python bench/ddp_lookup_cost.py``) and reads its
+``find_unused_parameters``; a value given to ``DeftState`` must agree with it (a ``ValueError``
+names both otherwise, at that first call, on every rank alike). Where no DDP model is found (a hook
+called some other way), ``find_unused_parameters=None`` counts as ``False``. With ``True`` (without
+it the state keeps no per-parameter bookkeeping at all), the state registers a tensor hook on every
+parameter (it runs when the parameter's gradient is computed, before DDP's own hooks) and passes
+each step the parameters this rank used since the previous exchange (under ``no_sync``, in any of
+the accumulated iterations, as DDP counts them); the step exchanges these flags in its header, and a
+parameter no rank used keeps its residual whole (see :mod:`deft_kernels.driver.program`). In a new
+DDP model's first iteration the tensor hooks are registered too late to fire; when that iteration is
+sparse (resuming from a checkpoint), a parameter counts as used where its local gradient is not all
+zeros, which also keeps everything: a parameter excluded while in use gets a zero output and keeps
+its residual for later.
 
 **Why a warm-up of at least one step.** DDP buckets its parameters twice: in a new DDP model's first
 iteration every parameter sits in one provisional bucket (in ``model.parameters()`` order); at the
