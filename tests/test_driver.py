@@ -23,11 +23,15 @@ from deft_kernels.sparsifiers import SPARSIFIERS, build
 from deft_kernels.transfer import HOST_READS, to_host
 
 SIZES = [300, 40, 500, 7, 1]
-KWARGS = {"threshold": {"threshold": 0.5}}
+#: Every step shape: the registered sparsifiers (DEFT with its default plan, one step ahead) and DEFT
+#: with the paper's protocol.
+VARIANTS = {**{name: (name, {}) for name in SPARSIFIERS}, "threshold": ("threshold", {"threshold": 0.5}),
+            "deft_leader": ("deft", {"plan": "leader"})}
 
 
 def _build(name: str, density: float = 0.05):
-    return build(name, 1.0 if name == "dense" else density, **KWARGS.get(name, {}))
+    registered, kwargs = VARIANTS[name]
+    return build(registered, 1.0 if name == "dense" else density, **kwargs)
 
 
 def _grad(rank: int, step: int, dtype=torch.float32) -> torch.Tensor:
@@ -75,10 +79,11 @@ def _run(sparsifiers, grads, wrap=None, **kwargs):
 # ---- the shape of a step ----
 
 #: The collectives of a step after the first, in order (the first step starts with one more
-#: all-gather: the setup agreement). The value all-reduce carries every rank's status block, so it
-#: runs even when nothing is sent.
+#: all-gather: the setup agreement; DEFT one step ahead then sums its first norms: FIRST). The value
+#: all-reduce carries every rank's status block, so it runs even when nothing is sent.
 COLLECTIVES = {
-    "deft": ["AllGather", "Broadcast", "GatherProposals", "AllReduce"],
+    "deft": ["GatherProposals", "AllReduce"],
+    "deft_leader": ["AllGather", "Broadcast", "GatherProposals", "AllReduce"],
     "topk": ["AllGather", "GatherProposals", "AllReduce"],
     "threshold": ["AllGather", "GatherProposals", "AllReduce"],
     "sidco": ["AllGather", "GatherProposals", "AllReduce"],
@@ -87,19 +92,22 @@ COLLECTIVES = {
     "dense": ["AllReduce"],
 }
 
+FIRST = {"deft": ["AllReduce"]}
+
 #: Host reads through transfer.to_host in a step after the first, on the leader and on the other
 #: ranks: the header (or the plan), then the status block of the value all-reduce (the failure
 #: protocol's last check). CLT-k and Dense read both in one. MiCRO's leader reads once more while a
 #: partition's threshold is not yet positive, and every MiCRO rank reads the sent set in observe.
-HOST_READS_PER_STEP = {"deft": (2, 2), "topk": (2, 2), "threshold": (2, 2), "cltk": (1, 1), "dense": (1, 1),
-                       "micro": (3, 4)}
+#: DEFT one step ahead reads nothing: its status block is read one step later (transfer.Later).
+HOST_READS_PER_STEP = {"deft": (0, 0), "deft_leader": (2, 2), "topk": (2, 2), "threshold": (2, 2), "cltk": (1, 1),
+                       "dense": (1, 1), "micro": (3, 4)}
 
 
 def test_every_registered_sparsifier_has_its_collectives_listed():
-    assert set(COLLECTIVES) == set(SPARSIFIERS)
+    assert set(COLLECTIVES) == set(VARIANTS) and set(SPARSIFIERS) <= set(VARIANTS)
 
 
-@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("n", [1, 3])
 def test_collectives_and_host_reads_per_step(name, n):
     ranks = _ranks(name, n)
@@ -108,18 +116,20 @@ def test_collectives_and_host_reads_per_step(name, n):
         _run(ranks, [_grad(r, step) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
         kinds = [[e[0] for e in log if e[0] != "reads"] for log in logs]
         reads = [sum(e[1] for e in log if e[0] == "reads") for log in logs]
-        expect = (["AllGather"] if step == 0 else []) + COLLECTIVES[name]
+        expect = (["AllGather", *FIRST.get(name, [])] if step == 0 else []) + COLLECTIVES[name]
         assert all(k == expect for k in kinds), (step, kinds)
         if step >= 1 and name in HOST_READS_PER_STEP:
             leader, other = HOST_READS_PER_STEP[name]
             assert reads == [leader if r == step % n else other for r in range(n)], (step, reads)
-        if name == "deft":  # the sync contract: two reads per rank, the first step one more (the setup)
+        if name == "deft_leader":  # the sync contract: two reads per rank, the first step one more (the setup)
             assert reads == [2 + (step == 0)] * n, (step, reads)
+        if name == "deft":  # none after the first step; the first reads the setup and its summed norms
+            assert reads == [2 * (step == 0)] * n, (step, reads)
 
 
 def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
     n = 3
-    ranks = _ranks("deft", n)
+    ranks = _ranks("deft_leader", n)
     _run(ranks, [_grad(r, 0) for r in range(n)])
     logs = [[] for _ in range(n)]
     _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
@@ -131,7 +141,7 @@ def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
         assert header == ("AllGather", torch.int64, (2 + len(SIZES),))  # code, count, a flag per tensor
 
 
-@pytest.mark.parametrize("name", ["deft", "micro", "cltk"])
+@pytest.mark.parametrize("name", ["deft_leader", "micro", "cltk"])
 def test_plan_wire_round_trip(name):
     n = 4
     ranks = _ranks(name, n, density=0.2)
@@ -143,7 +153,7 @@ def test_plan_wire_round_trip(name):
     wire = sp.encode_plan(plan)
     assert wire.shape == (length,) and wire.dtype == dtype
     back = sp.decode_plan(wire.clone(), sp.offsets, n)
-    if name == "deft":
+    if name == "deft_leader":
         assert plan.common.numel() > 0  # the wire carries the common part too
         for field in ("sizes", "k", "common", "costs"):
             assert torch.equal(getattr(back, field), getattr(plan, field)), field
@@ -164,7 +174,12 @@ BAD = {
 WORDS = {"longer": "length", "fp16": "dtype", "2-D": "flat", "layout": "layout"}
 
 
-@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+#: The step shapes whose status is read within the step (DEFT one step ahead reads it one step
+#: later: tests/test_plan_protocols.py holds its failure protocol).
+AT_ONCE = sorted(set(VARIANTS) - {"deft"})
+
+
+@pytest.mark.parametrize("name", AT_ONCE)
 @pytest.mark.parametrize("how", sorted(BAD))
 @pytest.mark.parametrize("bad_rank", [1, 2])  # at step 1 of 3 ranks: the leader, then not the leader
 def test_one_rank_rejecting_its_input_stops_every_rank_at_the_same_point(name, how, bad_rank):
@@ -211,10 +226,10 @@ FAULTS = {
     "pack": (lambda sp: setattr(sp, "kernels", types.SimpleNamespace(**{**vars(sp.kernels), "sparse_pack": _raising})),
              "packing its values raised"),
 }
-HAS_PLAN = {"deft", "micro", "cltk"}
+HAS_PLAN = {"deft_leader", "micro", "cltk"}
 
 
-@pytest.mark.parametrize("name", sorted(set(SPARSIFIERS) - {"dense"}))
+@pytest.mark.parametrize("name", sorted(set(AT_ONCE) - {"dense"}))
 @pytest.mark.parametrize("where", sorted(FAULTS))
 def test_a_failure_in_a_ranks_own_work_stops_every_rank_at_the_same_point(name, where):
     if where == "plan" and name not in HAS_PLAN:
@@ -248,7 +263,7 @@ def test_rotation_spreads_the_leaders_of_one_iteration_over_the_ranks():
     leaders = []
     buckets = []
     for index in range(n):
-        ranks = _ranks("deft", n)
+        ranks = _ranks("deft_leader", n)
         for r, sp in enumerate(ranks):
             sp.rotation = index
             sp.plan = (lambda plan, r: lambda *a: (leaders.append(r), plan(*a))[1])(sp.plan, r)
@@ -280,7 +295,7 @@ def test_lockstep_refuses_ranks_that_fall_out_of_step():
 # ---- unused tensors and the numeric rule ----
 
 
-@pytest.mark.parametrize("name", sorted(set(SPARSIFIERS) - {"dense"}))
+@pytest.mark.parametrize("name", sorted(set(VARIANTS) - {"dense"}))
 def test_tensors_no_rank_used_keep_their_residual_and_get_no_output(name):
     n = 3
     ranks = _ranks(name, n, density=0.3)
@@ -306,7 +321,7 @@ def test_tensors_no_rank_used_keep_their_residual_and_get_no_output(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("name", ["dense", "topk", "deft"])
+@pytest.mark.parametrize("name", ["dense", "topk", "deft", "deft_leader"])
 def test_every_average_is_the_fp32_sum_divided_by_n_rounded_once(name, dtype):
     n = 3
     ranks = _ranks(name, n, density=0.2)
@@ -470,11 +485,12 @@ def test_proposals_travel_as_int32_below_2_to_the_31_elements():
         assert res.sent.dtype == torch.int64 and res.stats.bytes_sent == 4 * res.stats.selected + 4 * res.stats.sent
 
 
-@pytest.mark.parametrize("name", ["deft", "topk", "cltk", "dense"])
+@pytest.mark.parametrize("name", ["deft", "deft_leader", "topk", "cltk", "dense"])
 def test_step_writes_its_output_into_the_given_buffer(name):
     sp = _build(name)
     step_program_run = lambda g, out: run_lockstep([step_program(sp, g, sizes=SIZES, out=out)])[0]
     step_program_run(_grad(0, 0), None)
+    driver.settle(sp)
     buffer = _grad(0, 1)
     expect = _build(name)
     expect.load_state_dict(sp.state_dict())
@@ -515,7 +531,7 @@ def test_unused_tensor_bounds_are_computed_once():
 
 def test_deft_decode_plan_makes_no_nonzero_call_per_bin(monkeypatch):
     n = 8
-    ranks = _ranks("deft", n, density=0.3)
+    ranks = _ranks("deft_leader", n, density=0.3)
     _run(ranks, [_grad(r, 0) for r in range(n)])
     sp = ranks[0]
     acc = _grad(0, 5)

@@ -249,9 +249,21 @@ class _Bucket:
 @pytest.mark.parametrize("find_unused", [False, True])
 def test_tensor_hooks_only_with_find_unused_parameters(find_unused):
     """Without find_unused_parameters every parameter is used in every iteration (DDP's rule), so the
-    state registers no tensor hook: nothing runs per parameter per step."""
+    state registers no tensor hook: nothing runs per parameter per step. (No DDP model holds this
+    state, so the values given count, and it says so once.)"""
     params = [torch.zeros(3, requires_grad=True) for _ in range(4)]
     state = DeftState(warmup_steps=2, find_unused_parameters=find_unused)
-    state._begin_bucket(_Bucket(params))
-    assert len(state._tensor_hooks) == (len(params) if find_unused else 0)
-    assert state._new_sparsifier(3).rotation == 3  # each bucket's leader is offset by its index
+    with pytest.warns(UserWarning, match="could not find the DistributedDataParallel model"):
+        engine = state._engine_for(_Bucket(params))
+    engine._number(_Bucket(params))
+    assert len(engine._hooks) == (len(params) if find_unused else 0)
+    assert state.find_unused_parameters == find_unused
+    assert state._new_sparsifier(3).rotation == 3  # each bucket's bins (and leader) are offset by its index
+
+
+def test_without_a_ddp_model_the_state_tracks_usage_and_warns_once():
+    params = [torch.zeros(3, requires_grad=True) for _ in range(2)]
+    state = DeftState(warmup_steps=2)
+    with pytest.warns(UserWarning, match="tracks which parameters are used"):
+        engine = state._engine_for(_Bucket(params))
+    assert engine.track_used and state.find_unused_parameters

@@ -80,8 +80,10 @@ def test_figures_match_independent_computations(world_of_one, tmp_path):
             continue
         for b in m.buckets:
             k = budget(DENSITY, b.numel)
-            # one rank: its int32 indices (the bucket has < 2^31 elements) and values go out, the summed values come back
-            assert (b.bytes_sent, b.bytes_received) == (4 * (k - _common(state, b.bucket)) + 4 * k, 4 * k)
+            # one rank: its int32 indices (the bucket has < 2^31 elements), its values and its fragment norms
+            # (the plan one step ahead) go out, the summed values and norms come back
+            norms = 4 * (state.sparsifiers[b.bucket].offsets.numel() - 1)
+            assert (b.bytes_sent, b.bytes_received) == (4 * (k - _common(state, b.bucket)) + 4 * k + norms, 4 * k + norms)
             assert b.density_sent == k / b.numel and b.bin_imbalance == 1.0
             assert b.t_select >= 0 and b.residual_ratio == pytest.approx(b.residual_norm / b.grad_norm)
         assert m.bytes_sent == sum(b.bytes_sent for b in m.buckets)
@@ -262,7 +264,8 @@ def test_bytes_received_is_what_the_other_ranks_sent(name, seed):
     sps = [sparsifiers.build(name, 0.02) for _ in range(n)]
     for _ in range(2):
         stats = [r.stats for r in simulate_step(sps, [torch.randn(5000) for _ in range(n)], sizes=[3000, 2000])]
-        values = 4 * stats[0].sent
+        # the all-reduced payload: the values, and DEFT's fragment norms for the next plan
+        values = 4 * stats[0].sent + (4 * (sps[0].offsets.numel() - 1) if name == "deft" else 0)
         for r, st in enumerate(stats):
             assert st.bytes_received - values == sum(s.bytes_sent - values for q, s in enumerate(stats) if q != r)
         assert (sum(s.bytes_sent for s in stats) > n * values) == (name != "cltk")

@@ -1,7 +1,7 @@
 """16-bit gradients and AMP: the residual's dtype (fp32 by default for 16-bit gradients) and the loss
 scale of a ``torch.amp.GradScaler`` (the residual holds unscaled values; a step the scaler skips
 leaves it as it was). In one process, a world of one; the DDP hook shares the code path
-(``DeftState(grad_scaler=...)``, ``deft_kernels._integration.undo_if_skipped``)."""
+(``DeftState(grad_scaler=...)``, ``deft_kernels.driver.commit``)."""
 
 import pytest
 import torch
@@ -86,23 +86,30 @@ def test_grad_scaler_residual_is_unscaled_and_untouched_on_a_skipped_step():
     torch.testing.assert_close(total_kept, total_given, rtol=0, atol=1e-5)
 
 
-def test_a_skipped_step_takes_back_the_other_steps_of_its_iteration():
+@pytest.mark.parametrize("plan", ["ahead", "leader"])
+def test_a_skipped_step_takes_back_the_other_steps_of_its_iteration(plan):
     """Two buckets (or dtype groups) in one iteration with a loss scale; the second one's gradient
-    holds an inf, so the scaler skips the optimizer step: the first one's residual update is taken
-    back too (its output is discarded with the rest)."""
-    from deft_kernels._integration import undo_if_skipped
-
-    sps = [build("deft", 0.1), build("deft", 0.1)]
+    holds an inf, so the scaler skips the optimizer step: neither residual update is committed (the
+    first one's output is discarded with the rest). ``driver.commit`` decides for the iteration, in
+    one host read of the skip flags that the step one step ahead keeps on the device."""
+    sps = [build("deft", 0.1, plan=plan), build("deft", 0.1, plan=plan)]
     for sp in sps:
         driver.run_step(sp, torch.randn(100), loss_scale=4.0)
     before = [sp.residual.clone() for sp in sps]
     bad = torch.randn(100)
     bad[7] = float("inf")
-    results = [driver.run_step(sp, g, loss_scale=4.0) for sp, g in zip(sps, [torch.randn(100), bad])]
+    results = [driver.run_step(sp, g, loss_scale=4.0, commit_now=False) for sp, g in zip(sps, [torch.randn(100), bad])]
+    assert all(sp.uncommitted for sp in sps)
+    assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))  # nothing committed yet
+    with pytest.raises(RuntimeError, match="not committed"):
+        driver.run_step(sps[0], torch.randn(100), loss_scale=4.0)
+    assert driver.commit(list(zip(sps, results)))
     assert [r.skipped for r in results] == [False, True]
-    assert not torch.equal(sps[0].residual, before[0]) and torch.equal(sps[1].residual, before[1])
-    assert undo_if_skipped(list(zip(sps, results)))
     assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))
+    assert not bool(torch.isfinite(results[1].out).all())
+    good = [driver.run_step(sp, torch.randn(100), loss_scale=4.0, commit_now=False) for sp in sps]
+    assert not driver.commit(list(zip(sps, good)))  # none skipped: both committed
+    assert all(not torch.equal(sp.residual, b) for sp, b in zip(sps, before))
 
 
 def test_grad_scaler_argument_is_checked():
@@ -119,8 +126,10 @@ def test_an_inf_that_is_not_sent_still_skips_the_step_on_every_rank():
 
     sps = [build("cltk", 0.05), build("cltk", 0.05)]
     gen = torch.Generator().manual_seed(0)
-    run_lockstep([step_program(sp, torch.randn(100, generator=gen), rank=r, world_size=2, loss_scale=8.0)
-                  for r, sp in enumerate(sps)])
+    first = run_lockstep([step_program(sp, torch.randn(100, generator=gen), rank=r, world_size=2, loss_scale=8.0)
+                          for r, sp in enumerate(sps)])
+    for sp, result in zip(sps, first):
+        driver.commit([(sp, result)])
     before = [sp.residual.clone() for sp in sps]
     grads = [torch.randn(100, generator=gen) for _ in range(2)]
     grads[1][7] = 0.0
@@ -129,6 +138,8 @@ def test_an_inf_that_is_not_sent_still_skips_the_step_on_every_rank():
     grads[0][7] = float("inf")
     results = run_lockstep([step_program(sp, g, rank=r, world_size=2, loss_scale=8.0)
                             for r, (sp, g) in enumerate(zip(sps, grads))])
+    for sp, result in zip(sps, results):
+        driver.commit([(sp, result)])  # each rank commits its own iteration
     assert 7 not in results[0].sent.tolist()
     assert all(r.skipped for r in results)
     assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))

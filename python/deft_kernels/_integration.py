@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from . import driver
-from .driver import StepResult
 from .sparsifiers.base import Sparsifier, StepStats
 
 SparsifierSpec = Union[str, Callable[..., Sparsifier]]
@@ -81,18 +80,6 @@ def loss_scale(scaler: torch.amp.GradScaler | None) -> float | None:
     ``get_scale()`` reads it on the host: once per iteration, where the scaler's own ``step`` reads
     its inf flag anyway."""
     return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-
-
-def undo_if_skipped(steps: list[tuple[Sparsifier, StepResult]]) -> bool:
-    """The steps of one iteration, run with a loss scale: when one of them was skipped (its output is
-    not finite, so the scaler skips the optimizer step), take back the residual update of the others,
-    whose output is discarded with it. Returns whether the iteration was skipped."""
-    if not any(result.skipped for _, result in steps):
-        return False
-    for sp, result in steps:
-        if not result.skipped:
-            driver.undo(sp)
-    return True
 
 
 def world(group: dist.ProcessGroup | None) -> tuple[int, int]:

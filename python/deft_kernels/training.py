@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import driver
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_grad_scaler, check_group, check_int,
-                           check_checkpoint, check_sparsifier_spec, loss_scale, make_sparsifier, undo_if_skipped, world)
+                           check_checkpoint, check_sparsifier_spec, loss_scale, make_sparsifier, world)
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["GradientSparsifier"]
@@ -140,7 +140,8 @@ class GradientSparsifier:
                 else:
                     view.copy_(p.grad.reshape(-1))
             if sparse:
-                result = driver.run_step(g.sparsifier, g.flat, sizes=g.sizes, group=self.group, loss_scale=scale)
+                result = driver.run_step(g.sparsifier, g.flat, sizes=g.sizes, group=self.group, loss_scale=scale,
+                                         commit_now=False)
                 out = result.out
                 stats.append(result.stats)
                 steps.append((g.sparsifier, result))
@@ -151,8 +152,8 @@ class GradientSparsifier:
                     p.grad = o.view_as(p).clone()
                 else:
                     p.grad.copy_(o.view_as(p))
-        if scale is not None:
-            undo_if_skipped(steps)
+        if scale is not None:  # all dtype groups or none: the scaler skips the whole optimizer step
+            driver.commit(steps)
         self.step_count += 1
         self.last_stats = stats
         if sparse:
@@ -171,6 +172,8 @@ class GradientSparsifier:
     def state_dict(self) -> dict[str, Any]:
         """This worker's residuals and counter; with several workers each saves its own file."""
         rank, n = world(self.group)
+        for g in self._groups:
+            driver.settle(g.sparsifier)  # the latest step's status read (and raised) before it is saved
         return {"step_count": self.step_count, "rank": rank, "world_size": n, "density": self.density,
                 "groups": [{"dtype": str(g.flat.dtype), "sizes": list(g.sizes),
                             "sparsifier": g.sparsifier.state_dict()} for g in self._groups]}
@@ -187,4 +190,5 @@ class GradientSparsifier:
                              "GradientSparsifier's)")
         for g, s in zip(self._groups, state_dict["groups"]):
             g.sparsifier.load_state_dict(s["sparsifier"])
+            g.sparsifier.to(g.flat.device)  # where this worker's gradients are, whatever the file was mapped to
         self.step_count = int(state_dict["step_count"])

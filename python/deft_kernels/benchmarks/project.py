@@ -345,37 +345,21 @@ def record_sequence(name: str, density: float, grads: list[torch.Tensor], sizes:
 # The sizes of a step's collectives at any n.
 
 
-def _header_in_values(name: str) -> bool:
-    return sparsifiers.SPARSIFIERS[name].header_at == "with_values"
-
-
 def size_rules(name: str, density: float, sizes: list[int], n: int, union: float, max_count: float,
-               plan_elements: int | None) -> list[tuple[str, str, float]]:
-    """The step's requests of sparsifier ``name`` at ``n`` ranks as ``(request, role, elements)``,
-    in the driver's order (docs/exchange.md), sized by the driver's own description of its wire
-    (:func:`deft_kernels.driver.header_elements` and the rest): the header's all-gather (one row per
-    rank) where it does not ride in the values, the plan's broadcast (``plan_elements``, from the
-    sparsifier's own ``plan_wire``, plus the status slot) where there is a plan, the proposals'
-    all-gather padded to ``max_count`` where proposals are gathered, the value all-reduce of the
-    union plus the status block (``n`` slots, plus one per tensor where the header rides in it).
-    :func:`check_rules` holds them against what the driver asked for."""
-    cls = sparsifiers.SPARSIFIERS[name]
-    tensors = len(sizes)
-    header = ("AllGather", "header", driver.header_elements(tensors))
-    plan = ("Broadcast", "plan", None if plan_elements is None else driver.plan_wire_elements(plan_elements))
-    indices = ("GatherProposals", "indices", max_count)
-    values = ("AllReduce", "values", union + driver.status_block_elements(n, tensors, _header_in_values(name)))
-    seq = []
-    if cls.header_at == "before_plan":
-        seq += [header, plan]
-    elif plan_elements is not None:
-        seq.append(plan)
-    if cls.header_at == "after_select":
-        seq.append(header)
-    if cls.header_at != "with_values":
-        seq.append(indices)
-    seq.append(values)
-    return seq
+               plan_elements: int | None, options: dict | None = None) -> list[tuple[str, str, float]]:
+    """The step's requests of sparsifier ``name`` (with ``options``) at ``n`` ranks as ``(request,
+    role, elements)``, in the driver's order, as the driver itself describes its wire
+    (:func:`deft_kernels.driver.wire`: its shape, the header where one travels, the plan's broadcast
+    of ``plan_elements`` plus its status slot, the proposals' all-gather padded to ``max_count``, the
+    value all-reduce of the union and its tail). :func:`check_rules` holds them against what the
+    driver asked for."""
+    sp = sparsifiers.build(name, density, **(options or {}))
+    fragments = sp.fragment_offsets(list(sizes), n).numel() - 1
+    plan = None if plan_elements is None else (plan_elements, sp.plan_wire(sum(sizes), sp.fragment_offsets(
+        list(sizes), n), n)[1])
+    described = driver.wire(driver.shape_of(sp), world_size=n, numel=sum(sizes), tensors=len(sizes),
+                            fragments=fragments, union_size=union, max_count=max_count, plan=plan)
+    return [(w.request, w.role, w.elements) for w in described]
 
 
 def index_bytes_of(numel: int, index_bytes: int | None = None) -> int:
@@ -409,7 +393,7 @@ def check_rules(record: dict, sizes: list[int], density: float, options: dict | 
     template = None
     for i, step in enumerate(record["steps"]):
         max_count = max(step["counts"])
-        rules = size_rules(name, density, sizes, n, step["union"], max_count, plan_len)
+        rules = size_rules(name, density, sizes, n, step["union"], max_count, plan_len, options)
         got = [(r["request"], r["wire"]) for r in step["requests"]]
         expected = [(req, elements) for req, _, elements in rules]
         problem = None
@@ -788,7 +772,7 @@ def _sequence(name: str, n: int, profile: dict, sizes: list[int], density: float
     union, max_count, source = _sent_at(profile, name, n, numel, k)
     options = sparsifier_options(name, threshold)
     plan_len = plan_elements(name, density, sizes, n, options)
-    rules = size_rules(name, density, sizes, n, union, max_count, plan_len)
+    rules = size_rules(name, density, sizes, n, union, max_count, plan_len, options)
     widths = {t["role"]: t for t in profile["templates"].get(name, [])}
     seq = []
     for request, role, elements in rules:

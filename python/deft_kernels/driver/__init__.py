@@ -32,13 +32,14 @@ import torch.distributed as dist
 from ..sparsifiers.base import Sparsifier, StepStats
 from .collectives import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, TorchCollectives,
                           run_blocking, run_lockstep)
-from .program import (CAUSES, HEADER_DTYPE, HEADER_FIELDS, INT32_INDEX_LIMIT, PLAN_STATUS_SLOTS, Laps, StepResult,
-                      header_elements, index_dtype, mean_of_sum, mean_program, plan_wire_elements,
-                      status_block_elements, step_program, undo)
+from .program import (CAUSES, HEADER_DTYPE, HEADER_FIELDS, INT32_INDEX_LIMIT, PLAN_STATUS_SLOTS, SETUP_ELEMENTS, Laps,
+                      Shape, StepResult, Wire, commit, header_elements, index_dtype, mean_of_sum, mean_program,
+                      plan_wire_elements, settle, shape_of, step_program, tail_elements, wire)
 
-__all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "undo", "StepResult", "Laps",
-           "CAUSES", "HEADER_FIELDS", "HEADER_DTYPE", "PLAN_STATUS_SLOTS", "INT32_INDEX_LIMIT", "header_elements",
-           "plan_wire_elements", "index_dtype", "status_block_elements",
+__all__ = ["step", "run_step", "mean", "simulate_step", "step_program", "mean_program", "settle", "commit",
+           "StepResult", "Laps", "Shape", "shape_of", "wire", "Wire", "CAUSES", "HEADER_FIELDS", "HEADER_DTYPE",
+           "PLAN_STATUS_SLOTS", "INT32_INDEX_LIMIT", "SETUP_ELEMENTS", "header_elements", "plan_wire_elements",
+           "index_dtype", "tail_elements",
            "ExchangeQueue", "TorchCollectives", "run_blocking", "run_lockstep", "mean_of_sum",
            "AllGather", "AllReduce", "Broadcast", "GatherProposals"]
 
@@ -85,10 +86,15 @@ def step(sparsifier: Sparsifier, grad: torch.Tensor, *, sizes: Sequence[int] | N
 
 def run_step(sparsifier: Sparsifier, grad: torch.Tensor, *, sizes: Sequence[int] | None = None,
              group: dist.ProcessGroup | None = None, laps: Laps | None = None,
-             loss_scale: float | None = None) -> StepResult:
-    """:func:`step`, returning the whole :class:`StepResult` (``skipped`` among it)."""
-    return _run(lambda rank, n: step_program(sparsifier, grad, sizes=sizes, rank=rank, world_size=n, laps=laps,
-                                             loss_scale=loss_scale), group, grad)
+             loss_scale: float | None = None, commit_now: bool = True) -> StepResult:
+    """:func:`step`, returning the whole :class:`StepResult` (``skipped`` among it). A loss-scaled
+    step is committed at once (:func:`commit`: one host read), unless ``commit_now=False``: the
+    caller then commits it together with the iteration's other steps."""
+    result = _run(lambda rank, n: step_program(sparsifier, grad, sizes=sizes, rank=rank, world_size=n, laps=laps,
+                                               loss_scale=loss_scale), group, grad)
+    if loss_scale is not None and commit_now:
+        commit([(sparsifier, result)])
+    return result
 
 
 def mean(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

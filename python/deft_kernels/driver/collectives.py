@@ -16,7 +16,8 @@ Runners:
 - :class:`ExchangeQueue`: programs over torch.distributed, chained on the collectives' futures
   (``.then``; nothing ever waits inside a callback, which deadlocks on gloo), one program at a time
   in submission order, so that every rank issues the group's collectives in one total order (the
-  DDP hook). On NCCL a work's future completes when the work is enqueued, so the chain runs inline.
+  DDP hook). On NCCL a work's future completes when the work is enqueued, so the chain runs inline;
+  on a GPU it runs on a stream of its own (below), so backward's kernels go on beside it.
 - :func:`run_lockstep`: ``n`` ranks' programs in one process, advanced together: each rank's local
   work runs alone (the benchmark times it), each collective's result is computed once and
   deterministically (sums in rank order). Results are shared between the simulated ranks: a
@@ -27,19 +28,32 @@ Runners:
 makes the current stream wait for the collective (without blocking the host), so the step's next
 kernels, issued on the current stream, read the buffer only after NCCL has written it. Nothing runs
 on the collective's own stream: the ``then`` callbacks here only hand the buffer on, and the union of
-the proposals, the one piece of work that used to run in such a callback, is made by the step program
-after its ``wait()``. A future is waited on only once it is done (``done()`` or inside its own
-``then`` callback), so no thread blocks in a wait. Status: these CUDA paths (NCCL, CUDA-aware futures)
-have not run on a GPU here (no GPU on the development machine); ``scripts/gpu_check.sh`` runs the
-hook and the plain API on NCCL (``bench/gpu_integration.py``).
+the proposals is made by the step program after its ``wait()``. A future is waited on only once it
+is done (``done()`` or inside its own ``then`` callback), so no thread blocks in a wait.
+
+**The exchange stream (the DDP hook on a GPU).** An :class:`ExchangeQueue` on a CUDA device runs
+every program on a stream of its own: at submission that stream waits for the current one (the
+bucket's gradients are ready there), and everything the program issues, kernels and collectives,
+goes on it; its waits make only that stream wait for NCCL. Backward's kernels, on the current
+stream, go on meanwhile; the program's future, completed on the exchange stream, is what DDP waits
+for. All of a program's temporaries are made and freed on that one stream (no ``record_stream``
+needed). Status: these CUDA paths (NCCL, CUDA-aware futures, the exchange stream) have not run on a
+GPU here (no GPU on the development machine); ``scripts/gpu_check.sh`` runs the hook and the plain
+API on NCCL (``bench/gpu_integration.py``).
+
+**Bounded waits.** :meth:`ExchangeQueue.wait_idle` waits at most the process group's timeout
+(:func:`group_timeout`), then raises; an exception anywhere in a program's chain (its own, or the
+runner's) reaches that program's future, so DDP raises it from ``backward``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -135,9 +149,7 @@ class TorchCollectives:
         if isinstance(request, GatherProposals):
             mine, counts = request.mine, request.counts
             longest = max(counts)
-            if longest == 0:  # gloo hangs on zero-length collectives; every rank knows the counts
-                return _future([mine.new_zeros(0) for _ in counts], mine.device)
-            padded = mine.new_zeros(longest)
+            padded = mine.new_zeros(longest)  # the step asks only where some count is positive
             padded[: mine.numel()] = mine
             outs = [torch.empty_like(padded) for _ in range(self.world_size)]
             work = dist.all_gather(outs, padded, group=group, async_op=True)
@@ -168,22 +180,46 @@ def run_blocking(program: Program, collectives: TorchCollectives) -> Any:
             value, error = None, e
 
 
+#: The timeout torch.distributed gives a group that was not given one (its default for gloo and NCCL).
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def group_timeout(group: dist.ProcessGroup | None, device: torch.device | None = None) -> timedelta:
+    """The timeout of ``group``'s backend for ``device`` (``None``: the default group, the CPU), read
+    from the backend's options (a private attribute of torch's process groups; where it is absent,
+    :data:`DEFAULT_TIMEOUT`)."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        backend = pg._get_backend(device if device is not None else torch.device("cpu"))
+        timeout = backend.options._timeout
+        return timeout if isinstance(timeout, timedelta) else DEFAULT_TIMEOUT
+    except (AttributeError, RuntimeError, ValueError):
+        return DEFAULT_TIMEOUT
+
+
 class ExchangeQueue:
     """Runs programs one at a time, in submission order, each chained on its collectives' futures.
 
     ``submit`` returns at once with a future of the program's result. A program's next step runs in
     the thread that completed its collective (gloo's worker, or inline where the future is already
-    complete), and a finished program starts the next one from there, under a lock: so the group's
-    collectives are issued in one order, the same on every rank, whichever thread issues them.
+    complete: NCCL), and a finished program starts the next one from there, under a lock: so the
+    group's collectives are issued in one order, the same on every rank, whichever thread issues
+    them. On a CUDA ``device`` every program runs on the queue's own stream (the module docstring).
 
     A program that raises stops the queue: it starts no further program (those waiting, and those
     submitted later, fail at once with an error naming the first one's). The step's failure protocol
     makes every rank's program raise after the same collective, so every rank's queue stops at the
-    same point and no rank issues a collective that its peers will never join.
+    same point and no rank issues a collective that its peers will never join. Whatever raises while
+    a program runs, the program's own code or the runner's, ends in that program's future.
+
+    ``timeout``: how long :meth:`wait_idle` waits (default: the group's, :func:`group_timeout`).
     """
 
-    def __init__(self, collectives: TorchCollectives) -> None:
+    def __init__(self, collectives: TorchCollectives, device: torch.device | None = None,
+                 timeout: timedelta | None = None) -> None:
         self.collectives = collectives
+        self.timeout = timeout if timeout is not None else group_timeout(getattr(collectives, "group", None), device)
+        self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         self._lock = threading.Lock()
         self._waiting: deque[tuple[Program, torch.futures.Future]] = deque()
         self._current: tuple[Program, torch.futures.Future] | None = None
@@ -194,6 +230,8 @@ class ExchangeQueue:
     def submit(self, program: Program, device: torch.device) -> torch.futures.Future:
         """Queue ``program``; its future holds what it returns (CUDA-aware on a GPU)."""
         fut = future_on(device)
+        if self.stream is not None:  # the program reads what the current stream produced
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with self._lock:
             if self.failure is not None:
                 program.close()
@@ -208,8 +246,15 @@ class ExchangeQueue:
         return fut
 
     def wait_idle(self) -> None:
-        """Block until every submitted program has finished (never call it from a callback)."""
-        self._idle.wait()
+        """Block until every submitted program has finished (never call it from a callback), at most
+        :attr:`timeout`; then raise a ``TimeoutError`` (and stop the queue: the ranks can no longer be
+        assumed in step)."""
+        if not self._idle.wait(self.timeout.total_seconds()):
+            error = TimeoutError(f"the exchange did not finish within the process group's timeout ({self.timeout}): "
+                                 "a peer stopped or the network is down; no further step starts")
+            with self._lock:
+                self.failure = self.failure or error
+            raise error
 
     def _stopped(self) -> RuntimeError:
         error = RuntimeError(f"an earlier step in this exchange failed ({type(self.failure).__name__}: "
@@ -220,7 +265,27 @@ class ExchangeQueue:
     def _resume(self, fut: torch.futures.Future) -> None:
         self._advance(*_outcome(fut))
 
+    def _on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
     def _advance(self, value: Any, error: BaseException | None) -> None:
+        with self._on_stream():
+            try:
+                self._run(value, error)
+            except BaseException as e:  # noqa: BLE001 -- the runner's own failure: into the program's future
+                self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self.failure = self.failure or error
+            current = self._current
+        if current is not None:
+            current[0].close()
+            if not current[1].done():
+                current[1].set_exception(error)
+        self._next()
+
+    def _run(self, value: Any, error: BaseException | None) -> None:
         while True:
             program, fut = self._current
             try:
@@ -229,7 +294,7 @@ class ExchangeQueue:
                 fut.set_result(stop.value)
             except BaseException as e:  # noqa: BLE001 -- the program's future carries it
                 with self._lock:
-                    self.failure = e
+                    self.failure = self.failure or e
                 fut.set_exception(e)
             else:
                 try:
@@ -242,18 +307,25 @@ class ExchangeQueue:
                     continue
                 pending.then(self._resume)
                 return
-            with self._lock:
-                if self.failure is not None:
-                    for waiting, waiting_fut in self._waiting:
-                        waiting.close()
-                        waiting_fut.set_exception(self._stopped())
-                    self._waiting.clear()
-                if not self._waiting:
-                    self._current = None
-                    self._idle.set()
-                    return
-                self._current = self._waiting.popleft()
+            if not self._next():
+                return
             value, error = None, None
+
+    def _next(self) -> bool:
+        """The current program has ended: make the next waiting one current (True); or, with none
+        waiting or after a failure (whose waiting programs then fail at once), go idle (False). One
+        step under the lock, so that a concurrent ``submit`` never starts a second program."""
+        with self._lock:
+            if self.failure is None and self._waiting:
+                self._current = self._waiting.popleft()
+                return True
+            self._current = None
+            waiting, self._waiting = list(self._waiting), deque()
+            self._idle.set()
+        for program, fut in waiting:
+            program.close()
+            fut.set_exception(self._stopped())
+        return False
 
 
 # ---- n ranks in one process -----------------------------------------------------------------------

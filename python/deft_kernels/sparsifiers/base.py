@@ -18,9 +18,13 @@ process) is written once, in :mod:`deft_kernels.driver`; its phases call these m
 ``plan``, ``select`` and ``always_sent`` never communicate and never change the instance's state.
 The ``step`` they (and ``proposal_counts``) receive is the step's turn, ``step_count + rotation``.
 
-Class attributes tell the driver how the step is shaped: ``header_at`` (where the per-step header
-travels, see :mod:`deft_kernels.driver`), ``disjoint_proposals`` (workers' proposals never overlap,
-so their union needs no deduplication) and ``dense`` (no selection at all: the dense all-reduce).
+Class attributes tell the driver which shape the step takes (the driver's ``shape_of``: which
+collectives, in which order, docs/exchange.md): ``dense`` (no selection at all: the dense
+all-reduce), ``gathers_selection`` (the workers' proposals are all-gathered; False where the plan
+carries every index: CLT-k), ``counts_from_plan`` (every worker's proposal count follows from the
+plan: DEFT's bins), ``plans_ahead`` (the plan is made by every worker alike from the fragment norms
+summed in the previous step, instead of by a leader: DEFT's ``plan="ahead"``) and
+``disjoint_proposals`` (workers' proposals never overlap, so their union needs no deduplication).
 
 ``kernels`` is where the step takes its ops from: the C++/CUDA ops without re-validation by
 default; :func:`deft_kernels.simulate.simulate` swaps in :mod:`deft_kernels.reference`.
@@ -28,10 +32,11 @@ default; :func:`deft_kernels.simulate.simulate` swaps in :mod:`deft_kernels.refe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -109,17 +114,14 @@ class Sparsifier:
     name: str = "base"
     kernels: Any = FAST_KERNELS
 
-    #: Where the step's header (each rank's validity, proposal count and used tensors) travels:
-    #: ``"after_select"``: all-gathered after the selection (its counts size the index all-gather);
-    #: ``"before_plan"``: all-gathered first, read by the leader with its norms and by the others
-    #: with the plan, one transfer each (needs ``proposal_counts``: DEFT);
-    #: ``"with_values"``: in the value all-reduce, for algorithms whose plan carries every index
-    #: (CLT-k): nobody proposes anything, there is no index all-gather.
-    header_at: str = "after_select"
     #: True when different workers' proposals never overlap (DEFT's bins, MiCRO's partitions).
     disjoint_proposals: bool = False
     #: True for the dense all-reduce (Dense): no selection, no residual.
     dense: bool = False
+    #: False where the plan carries every index sent and nobody proposes anything (CLT-k).
+    gathers_selection: bool = True
+    #: True where every worker's proposal count follows from the plan (``proposal_counts``: DEFT).
+    counts_from_plan: bool = False
 
     def __init__(self, density: float, residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
@@ -145,11 +147,24 @@ class Sparsifier:
         self.step_count = 0
         self.layout: Layout | None = None
         self.offsets: torch.Tensor | None = None  # host int64 fragment offsets
+        #: Fragment norms summed over the workers in the latest step (host fp32), from which a
+        #: sparsifier that ``plans_ahead`` makes its next plan; part of the state (``state_dict``).
+        self.carried_norms: torch.Tensor | None = None
+        self.pending: Any = None  # the driver's: what the latest step left to read one step later
+        self.uncommitted = False  # the driver's: a loss-scaled step's update waits for commit()
 
     @property
-    def gathers_selection(self) -> bool:
-        """True when the workers' proposals are all-gathered (False: the plan carries every index)."""
-        return self.header_at != "with_values"
+    def plans_ahead(self) -> bool:
+        """True when every worker makes the step's plan itself from the fragment norms summed over
+        the workers in the previous step (``carried_norms``), instead of a leader making it from its
+        own norms and broadcasting it (DEFT's ``plan="ahead"``). Default: False."""
+        return False
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's keyword options (besides ``density``) as they are in effect, for the
+        step's setup agreement: ranks configured differently refuse to run together. Subclasses
+        with options of their own add them."""
+        return {"residual_dtype": None if self.residual_dtype is None else str(self.residual_dtype)}
 
     def budget(self, numel: int) -> int:
         """k, the number of elements the step should send in total: ``int(d * N)``, at least 1 for
@@ -174,8 +189,9 @@ class Sparsifier:
 
     def plan(self, acc: torch.Tensor, norms: torch.Tensor, offsets: torch.Tensor, world_size: int,
              step: int) -> Any:
-        """Leader-only work whose result every worker must share. ``norms`` are on the host when
-        ``header_at == "before_plan"`` (read with the header), else on ``acc``'s device. Default: none."""
+        """Leader-only work whose result every worker must share. ``norms`` are on the host where the
+        plan needs them there (``counts_from_plan``: read with the header), else on ``acc``'s device.
+        Default: none."""
         return None
 
     def plan_wire(self, numel: int, offsets: torch.Tensor, world_size: int) -> tuple[int, torch.dtype] | None:
@@ -188,12 +204,12 @@ class Sparsifier:
         raise NotImplementedError(f"{type(self).__name__} has no plan to encode")
 
     def decode_plan(self, wire: torch.Tensor, offsets: torch.Tensor, world_size: int) -> Any:
-        """What ``encode_plan`` encoded, on a worker that received ``wire``: on the host, except for
-        ``header_at == "with_values"`` (the plan stays on the device)."""
+        """What ``encode_plan`` encoded, on a worker that received ``wire``: on the host, except where
+        the plan carries every index (``gathers_selection`` False: it stays on the device)."""
         raise NotImplementedError(f"{type(self).__name__} has no plan to decode")
 
     def proposal_counts(self, plan: Any, world_size: int, step: int) -> list[int]:
-        """Each rank's proposal count, known from the plan (``header_at == "before_plan"`` only)."""
+        """Each rank's proposal count, known from the plan (``counts_from_plan`` only)."""
         raise NotImplementedError(f"{type(self).__name__} does not know the proposal counts from its plan")
 
     # ---- selection --------------------------------------------------------------------------------
@@ -225,16 +241,25 @@ class Sparsifier:
         """Restore what ``extra_state`` returned."""
 
     def state_dict(self) -> dict:
-        """This worker's state: residual, step counter, world size and layout, algorithm state.
-        Every rank saves its own (residuals differ between workers)."""
+        """This worker's state: residual, step counter, world size and layout, the carried norms
+        (``plans_ahead``), algorithm state. Every rank saves its own (residuals differ between
+        workers). Reads first what the latest step left for later (``pending``: the driver's
+        :func:`deft_kernels.driver.settle`, which raises if a rank stopped in that step)."""
+        if self.pending is not None:
+            self.pending.settle(self)
+        if self.uncommitted:
+            raise RuntimeError("the latest loss-scaled step is not committed: call deft_kernels.driver.commit "
+                               "with the iteration's steps before state_dict()")
         layout = self.layout
         return {"name": self.name, "density": self.density, "residual": self.residual,
                 "step_count": self.step_count, "world_size": None if layout is None else layout.world_size,
                 "sizes": None if layout is None else list(layout.sizes), "extra": self.extra_state(),
-                "grad_dtype": None if layout is None or layout.dtype is None else str(layout.dtype)}
+                "grad_dtype": None if layout is None or layout.dtype is None else str(layout.dtype),
+                "carried_norms": self.carried_norms}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s output; the next ``step`` continues exactly."""
+        """Restore :meth:`state_dict`'s output; the next ``step`` continues exactly. The residual
+        stays on the device it was saved (or mapped) to; :meth:`to` moves it."""
         missing = {"name", "density", "residual", "step_count", "world_size", "sizes", "extra"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}")
@@ -257,8 +282,28 @@ class Sparsifier:
             self.offsets = self.fragment_offsets(list(self.layout.sizes), self.layout.world_size)
         if residual is not None:
             self.residual = residual.clone().contiguous()
+        norms = state.get("carried_norms")  # absent in states saved before the plan one step ahead
+        if norms is not None:
+            fragments = None if self.offsets is None else self.offsets.numel() - 1
+            if not isinstance(norms, torch.Tensor) or norms.dtype != torch.float32 or norms.shape != (fragments,):
+                raise ValueError(f"state['carried_norms'] must be None or {fragments} float32 norms (one per fragment)")
+            norms = norms.cpu().clone()
+        self.carried_norms = norms
         self.step_count = int(state["step_count"])
         self.load_extra_state(state["extra"])
+
+    def to(self, device: torch.device | str) -> Sparsifier:
+        """Move the state that lives beside the gradient (the residual and the work buffer) to
+        ``device``, where the gradients of the next steps are (a state loaded on the CPU and resumed
+        on a GPU: the integrations call it). Returns ``self``."""
+        device = torch.device(device)
+        if self.residual is not None:
+            self.residual = self.residual.to(device)
+        if self.spare is not None:
+            self.spare = self.spare.to(device)
+        if self.layout is not None and self.layout.device is not None and self.layout.device != device:
+            self.layout = dataclasses.replace(self.layout, device=device)
+        return self
 
 
 def indices_at_least(acc: torch.Tensor, threshold: float, lo: int = 0, hi: int | None = None, *,

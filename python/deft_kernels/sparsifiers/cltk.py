@@ -11,11 +11,11 @@ class CLTK(TopK):
     """The leader ``(step + rotation) % n`` selects the top ``k`` of its own accumulated gradient and broadcasts
     the indices in the plan; every worker all-reduces its values there. No all-gather and no
     build-up (exactly ``k`` indices are sent), but the leader scans all ``N`` elements while the
-    others wait. Nobody proposes anything, so the header rides on the value all-reduce
-    (``header_at = "with_values"``) and the plan never leaves the device."""
+    others wait. Nobody proposes anything (``gathers_selection = False``): the header rides on the
+    value all-reduce, and the plan never leaves the device."""
 
     name = "cltk"
-    header_at = "with_values"
+    gathers_selection = False
 
     def plan(self, acc, norms, offsets, world_size, step) -> torch.Tensor:
         return self.top_k_of_all(acc)

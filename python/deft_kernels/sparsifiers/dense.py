@@ -11,7 +11,6 @@ class Dense(Sparsifier):
     rounding to the gradient's dtype)."""
 
     name = "dense"
-    header_at = "with_values"
     dense = True
 
     def __init__(self, density: float = 1.0) -> None:
