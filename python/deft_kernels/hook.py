@@ -261,8 +261,8 @@ class DeftState:
         """The engine of the model this bucket belongs to: the current one, or a new one for a new DDP
         model (refused while the model served so far is alive)."""
         engine = self._engine
-        if engine is not None and (engine.mode is not None or engine.failure is not None):
-            return engine  # mid-iteration, or stopped: it says so
+        if engine is not None and (engine.mode is not None or engine.failure is not None or not len(engine.positions)):
+            return engine  # mid-iteration, stopped (it says so), or made for this model and not yet numbered
         first = bucket.parameters()[0]
         if engine is not None and engine.knows(first):
             if engine.first_iteration or engine.matches(bucket):
@@ -312,10 +312,10 @@ class DeftState:
         return self._engine
 
 
-_COMPILED_DDP = ("deft_hook needs DDP's gradient buckets, but compiled DDP (torch.compile with "
+_COMPILED_DDP = ("deft_hook needs DDP's gradient buckets, but compiled DDP's python reducer (torch.compile with "
                  "torch._dynamo.config.optimize_ddp='python_reducer') calls a comm hook once per parameter with "
-                 "(grad, param). Use optimize_ddp=True (DDPOptimizer, the default) or compile the module before "
-                 "wrapping it in DDP without the python reducer, or run DDP uncompiled")
+                 "(grad, param), which is not supported. Keep optimize_ddp=True (DDPOptimizer, the default: DDP's "
+                 "reducer, its buckets and comm hooks stay), or run DDP uncompiled")
 
 
 def deft_hook(state: DeftState, bucket: dist.GradBucket,
