@@ -85,7 +85,8 @@ def _iterate(state, params, device: str, index_order=(0, 1)) -> list:
     gen = torch.Generator().manual_seed(state.iter)
     grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
     buckets = [_Bucket(0, params[:2], grads[:2], False), _Bucket(1, params[2:], grads[2:], True)]
-    return [run_bucket(state, buckets[i]).wait() for i in index_order]
+    futures = [run_bucket(state, buckets[i]) for i in index_order]  # as DDP: every bucket, then the waits
+    return [f.wait() for f in futures]
 
 
 @pytest.mark.parametrize("plan", ["ahead", "leader"])
@@ -289,3 +290,93 @@ def test_a_failing_future_callback_still_ends_the_program(monkeypatch):
     fut = queue.submit(program(), torch.device("cpu"))
     queue.wait_idle()
     assert fut.done() and queue.failure is not None
+
+
+def test_a_state_saved_on_one_device_resumes_on_another():
+    """A checkpoint loaded with map_location="cpu" and resumed where the gradients live on another
+    device (a GPU in production; ``meta`` here, the CPU stand-in): the residuals move to the
+    gradients' device at the first step instead of failing its device check."""
+    params = [nn.Parameter(torch.zeros(s)) for s in SIZES]
+    state = DeftState(density=0.05, warmup_steps=1, find_unused_parameters=False)
+    with pytest.warns(UserWarning, match="could not find"):
+        engine = state._engine_for(_Bucket(0, params[:2], [torch.zeros(s) for s in SIZES[:2]], False))
+    engine.queue = ExchangeQueue(_OneRank())
+    for _ in range(3):
+        _iterate(state, params, "cpu")
+    saved = state.state_dict()
+    assert all(b["sparsifier"]["residual"].device.type == "cpu" for b in saved["buckets"].values())
+    resumed = DeftState(density=0.05, warmup_steps=1, find_unused_parameters=False)
+    resumed.load_state_dict(saved)
+    fresh = [nn.Parameter(torch.zeros(s)) for s in SIZES]
+    with pytest.warns(UserWarning, match="could not find"):
+        engine = resumed._engine_for(_Bucket(0, fresh[:2], [torch.zeros(s) for s in SIZES[:2]], False))
+    comm = engine.queue = ExchangeQueue(_OneRank())
+    _iterate(resumed, fresh, "cpu")  # the new model's first iteration regroups into the saved buckets
+    _iterate(resumed, fresh, "meta")  # then sparse where the gradients now are: two collectives per bucket
+    assert comm.collectives.issued[-4:] == ["GatherProposals", "AllReduce"] * 2
+    assert all(sp.residual.device.type == "meta" for sp in resumed.sparsifiers.values())
+
+
+class _FailingSelect:
+    """A sparsifier factory whose selection raises at its step 1 (a stand-in for an out-of-memory error)."""
+
+    def __call__(self, density):
+        from deft_kernels.sparsifiers import DEFT
+
+        sp = DEFT(density, plan="leader")
+        real = sp.select
+
+        def select(*args):
+            if sp.step_count == 1:
+                raise MemoryError("injected")
+            return real(*args)
+
+        sp.select = select
+        return sp
+
+
+def test_a_failed_iteration_reports_no_stale_statistics(world_of_one):
+    torch.manual_seed(0)
+    model = _mlp()
+    ddp = DDP(model)
+    state = DeftState(sparsifier=_FailingSelect(), density=0.1, warmup_steps=1)
+    ddp.register_comm_hook(state, deft_hook)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        ddp(x).sum().backward()
+    assert state.last_stats  # the first sparse iteration's
+    with pytest.raises(RuntimeError, match="MemoryError: injected"):  # DDP wraps the future's error
+        ddp(x).sum().backward()
+    assert state.last_stats == {}  # not the previous iteration's
+    with pytest.raises(RuntimeError, match="failed"):
+        ddp(x).sum().backward()
+
+
+class _Renamed(nn.Module):
+    """_mlp()'s sizes under other names, in another order: a different model with the same sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 32)
+        self.tail = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.tail(torch.tanh(self.head(x)))
+
+
+def test_resume_matches_parameters_by_name_not_only_by_size(world_of_one):
+    torch.manual_seed(0)
+    ddp = DDP(_mlp())
+    state = DeftState(density=0.1, warmup_steps=1)
+    ddp.register_comm_hook(state, deft_hook)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        ddp(x).sum().backward()
+    saved = state.state_dict()
+    assert any(name == "0.weight" for b in saved["buckets"].values() for name in b["names"])
+    other = DDP(_Renamed())
+    resumed = DeftState(density=0.1, warmup_steps=1)
+    resumed.load_state_dict(saved)
+    other.register_comm_hook(resumed, deft_hook)
+    with pytest.raises(RuntimeError, match="sit where the state had others"):
+        other(x).sum().backward()

@@ -340,3 +340,15 @@ def test_a_non_finite_value_reaches_the_output_at_once_or_one_step_later():
     assert left > 0  # more NaNs than k in that fragment
     second = driver.simulate_step(ranks, [_grad(r, 2) for r in range(n)], sizes=SIZES)
     assert int(second[0].out.isnan().sum()) >= left and not bool(ranks[0].residual.isnan().any())
+
+
+@pytest.mark.parametrize("options", [({"plan": "ahead"}, {"plan": "leader"}),
+                                     ({"cost_model": "size"}, {"cost_model": "size_log_k"}),
+                                     ({"residual_dtype": None}, {"residual_dtype": torch.float32})])
+def test_ranks_configured_differently_refuse_to_run_together(options):
+    """The setup agreement covers the sparsifier's options (before, only its name, density, sizes,
+    dtype and rotation: ranks with another cost model or plan protocol ran together)."""
+    ranks = [build("deft", 0.05, **kw) for kw in options]
+    programs = [step_program(sp, _grad(r, 0).half(), sizes=SIZES, rank=r, world_size=2) for r, sp in enumerate(ranks)]
+    with pytest.raises(ValueError, match="ranks disagree on the step's setup .*its options"):
+        run_lockstep(programs)
