@@ -12,7 +12,9 @@ with ``triton.testing.do_bench`` (median, ms). Every timed deft_kernels call get
 - segmented_topk: the CUDA kernel ("deft CUDA"), the Triton kernel ("Triton fallback", the path of
   builds without CUDA: not a DEFT result, timed for comparison on --triton-layouts only), one
   torch.topk per fragment, one torch.topk over the whole vector (k = sum of the k_f);
-- accumulate_norms: the fused kernel vs ``residual.add_(grad)`` + ``torch._foreach_norm``;
+- accumulate_norms: the fused kernel vs ``residual.add_(grad)`` + ``torch._foreach_norm``; and
+  (op ``accumulate_mixed``) a bf16 gradient added into its fp32 residual in place vs the copy into an
+  fp32 work buffer + the fused kernel that the driver ran before the in-place mixed pair existed;
 - threshold_select (one threshold for every fragment, keeping about d of the normal data) vs the
   elementwise passes + ``nonzero`` the sparsifiers ran before;
 - sparse_pack vs ``index_select``; sparse_unpack vs ``zeros`` + ``index_put_`` + ``index_fill_``.
@@ -167,6 +169,11 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench, wit
     torch.testing.assert_close(lib.accumulate_norms(grad, r1, offsets),
                                reference.accumulate_norms(grad, r2, offsets_dev), rtol=1e-5, atol=1e-6)
     assert torch.equal(r1, r2), "accumulate_norms residual differs from the reference"
+    grad16 = grad.bfloat16()
+    r1, r2 = x.clone(), x.clone()
+    torch.testing.assert_close(lib.accumulate_norms(grad16, r1, offsets),
+                               reference.accumulate_norms(grad16, r2, offsets_dev), rtol=1e-5, atol=1e-6)
+    assert torch.equal(r1, r2), "accumulate_norms (bf16 into fp32) residual differs from the reference"
     del r1, r2
     packed = lib.sparse_pack(x, expected)
     assert torch.equal(packed, x[expected]), "sparse_pack differs from the reference"
@@ -191,6 +198,17 @@ def run_layout(layout_name: str, sizes: list[int], density: float, do_bench, wit
     add("accumulate_norms", norm_impl, lambda: lib.accumulate_norms(grad, residual, offsets), 3 * n * item)
     add("accumulate_norms", "torch add_ + _foreach_norm", lambda: accumulate_norms_torch(grad, residual, sizes),
         3 * n * item)
+    work = torch.empty_like(residual)
+
+    def copy_then_fused():
+        work.copy_(grad16)
+        return lib.accumulate_norms(residual, work, offsets)
+
+    mixed_bytes = n * (grad16.element_size() + 2 * item)  # read the bf16 gradient, read + write the residual
+    add("accumulate_mixed", norm_impl + " in place", lambda: lib.accumulate_norms(grad16, residual, offsets),
+        mixed_bytes)
+    add("accumulate_mixed", "copy to fp32 work buffer + fused", copy_then_fused, mixed_bytes)
+    del work
     threshold = normal_threshold(density)
     thresholds = torch.full((len(sizes),), threshold)
     selected = lib.threshold_select(x, offsets, thresholds, None, 0)

@@ -65,6 +65,25 @@ def test_accumulate_norms_torch_add_foreach_norm(benchmark, problem):
     run(benchmark, "accumulate_norms", accumulate_norms_torch, p.grad, p.residual.clone(), p.sizes)
 
 
+def test_accumulate_bf16_into_fp32_deft_in_place(benchmark, problem):
+    p = problem
+    run(benchmark, "accumulate_norms bf16 into fp32", ops.accumulate_norms, p.grad.bfloat16(), p.residual.clone(),
+        p.offsets)
+
+
+def copy_then_accumulate(grad, residual, work, offsets):
+    """How the driver accumulated a 16-bit gradient before the mixed pair: copied into an fp32 work
+    buffer, which then takes the residual."""
+    work.copy_(grad)
+    return ops.accumulate_norms(residual, work, offsets)
+
+
+def test_accumulate_bf16_into_fp32_copy_to_work_buffer(benchmark, problem):
+    p = problem
+    run(benchmark, "accumulate_norms bf16 into fp32", copy_then_accumulate, p.grad.bfloat16(), p.residual.clone(),
+        torch.empty_like(p.residual), p.offsets)
+
+
 def test_threshold_select_deft(benchmark, problem):
     p = problem
     run(benchmark, "threshold_select", ops.threshold_select, p.residual, p.offsets.cpu(), p.thresholds)

@@ -63,8 +63,7 @@ void check_indices_in_range(const at::Tensor& indices, int64_t n) {
 at::Tensor accumulate_norms_cpu(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
   check_float_vector(grad, "grad");
   check_float_vector(residual, "residual");
-  TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "residual dtype ", residual.scalar_type(),
-              " must match grad dtype ", grad.scalar_type());
+  check_accumulate_dtypes(grad.scalar_type(), residual.scalar_type());
   TORCH_CHECK(grad.numel() == residual.numel(), "residual length ", residual.numel(), " must match grad length ",
               grad.numel());
   check_offsets(offsets, grad.numel());

@@ -1,8 +1,10 @@
 // Checks of the small host-side index metadata (offsets, fragment and segment ids) that memory
-// safety needs before a kernel indexes with it, shared by the CPU bindings (bindings.cpp) and the
-// CUDA glue (csrc/cuda/ops_cuda.cpp, csrc/cuda/threshold_select_glue.cpp). Raw pointers to host memory; the messages name the argument.
+// safety needs before a kernel indexes with it, and of the dtypes an op pairs, shared by the CPU
+// bindings (bindings.cpp) and the CUDA glue (csrc/cuda/ops_cuda.cpp, csrc/cuda/threshold_select_glue.cpp).
+// Raw pointers to host memory; the messages name the argument.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -33,6 +35,15 @@ inline void check_ids_data(const int64_t* ids, int64_t m, const char* name, cons
   for (int64_t i = 0; i < m; ++i)
     TORCH_CHECK(ids[i] >= 0 && ids[i] < count, name, "[", i, "] = ", ids[i], " is not a ", kind, " id in [0, ", count,
                 ")");
+}
+
+// accumulate_norms' dtypes: the residual has the gradient's, or is float32 under a bfloat16 or
+// float16 gradient (accumulated in place, one fp32 add: deft_kernels/_checks.py has the same rule).
+inline void check_accumulate_dtypes(c10::ScalarType grad, c10::ScalarType residual) {
+  const bool half_grad = grad == c10::ScalarType::BFloat16 || grad == c10::ScalarType::Half;
+  TORCH_CHECK_TYPE(residual == grad || (half_grad && residual == c10::ScalarType::Float), "residual dtype ",
+                   residual, " does not go with grad dtype ", grad,
+                   ": residual must have grad's dtype, or be float32 under a bfloat16 or float16 grad");
 }
 
 }  // namespace deft_kernels

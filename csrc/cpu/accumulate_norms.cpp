@@ -17,17 +17,17 @@ constexpr int64_t kChunk = 1 << 15;
 
 constexpr int kLanes = 8;
 
-// acc[j] = grad[j] + acc[j] (fp32 arithmetic, one rounding to the dtype); returns its square.
-template <typename scalar_t>
-inline double accumulate_one(const scalar_t* grad, scalar_t* acc, int64_t j) {
-  const scalar_t a = static_cast<scalar_t>(static_cast<float>(grad[j]) + static_cast<float>(acc[j]));
+// acc[j] = grad[j] + acc[j] (fp32 arithmetic, one rounding to acc's dtype); returns its square.
+template <typename grad_t, typename acc_t>
+inline double accumulate_one(const grad_t* grad, acc_t* acc, int64_t j) {
+  const acc_t a = static_cast<acc_t>(static_cast<float>(grad[j]) + static_cast<float>(acc[j]));
   acc[j] = a;
   const double ad = static_cast<float>(a);
   return ad * ad;
 }
 
-template <typename scalar_t>
-void accumulate_norms_impl(const scalar_t* grad, scalar_t* acc, const int64_t* offsets, int64_t num_frags,
+template <typename grad_t, typename acc_t>
+void accumulate_norms_impl(const grad_t* grad, acc_t* acc, const int64_t* offsets, int64_t num_frags,
                            int64_t n, float* norms) {
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(num_chunks)));
@@ -73,10 +73,15 @@ void accumulate_norms_impl(const scalar_t* grad, scalar_t* acc, const int64_t* o
 at::Tensor accumulate_norms(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets) {
   const int64_t num_frags = offsets.numel() - 1;
   at::Tensor norms = at::empty({num_frags}, grad.options().dtype(at::kFloat));
+  const bool fp32_residual = residual.scalar_type() == at::kFloat;
   DEFT_DISPATCH_FLOATS(grad.scalar_type(), "accumulate_norms", [&] {
-    accumulate_norms_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), residual.mutable_data_ptr<scalar_t>(),
-                                    offsets.const_data_ptr<int64_t>(), num_frags, grad.numel(),
-                                    norms.mutable_data_ptr<float>());
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const int64_t* o = offsets.const_data_ptr<int64_t>();
+    float* out = norms.mutable_data_ptr<float>();
+    if (fp32_residual)
+      accumulate_norms_impl(g, residual.mutable_data_ptr<float>(), o, num_frags, grad.numel(), out);
+    else
+      accumulate_norms_impl(g, residual.mutable_data_ptr<scalar_t>(), o, num_frags, grad.numel(), out);
   });
   return norms;
 }

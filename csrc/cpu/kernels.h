@@ -30,7 +30,9 @@ inline std::vector<int64_t> listed_ids(const c10::optional<at::Tensor>& ids, int
   return out;
 }
 
-// a = grad + residual, written into residual; returns fp32 L2 norm of a per fragment.
+// a = grad + residual (fp32 arithmetic, one rounding to residual's dtype), written into residual;
+// returns the fp32 L2 norm of a per fragment. residual has grad's dtype, or is fp32 (any grad dtype;
+// the bindings allow it under a 16-bit grad: check_accumulate_dtypes).
 at::Tensor accumulate_norms(const at::Tensor& grad, at::Tensor& residual, const at::Tensor& offsets);
 
 // Global indices (index_base + position) of the k[f] largest |values| of every fragment f in

@@ -1,5 +1,6 @@
-// CUDA accumulate_norms: residual <- grad + residual (fp32 arithmetic, one rounding to the dtype) and
-// the fp32 L2 norm of every fragment of the result, in one launch over the data for all fragments.
+// CUDA accumulate_norms: residual <- grad + residual (fp32 arithmetic, one rounding to the residual's
+// dtype) and the fp32 L2 norm of every fragment of the result, in one launch over the data for all
+// fragments. grad and residual have one dtype, or grad is 16-bit and residual fp32 (a mixed pair).
 // Same numerics as the CPU op (csrc/cpu/accumulate_norms.cpp): squares of the rounded values summed
 // in float64 (exact squares; the sum errs far below fp32 rounding whatever the order), sqrt in
 // float64, one rounding to fp32.
@@ -9,13 +10,15 @@
 // tests/test_op_accumulate_norms.py and tests/test_gpu_sync_free.py check it on the next machine
 // with one (scripts/gpu_check.sh).
 //
-// Each block takes a fixed run of kRows x 32 x kWarps 16-byte vectors of grad and residual (the
-// fragment layout does not shape the work, so one huge fragment and thousands of tiny ones balance
-// alike); each warp a contiguous piece of it, one coalesced row of 32 vectors at a time, all rows
-// loaded before use. A warp inside one fragment reduces its squares with shuffles; the block adds
-// its warps' sums into the fragment's float64 sum with one atomic per fragment it touches (a warp
-// spanning several fragments adds its share of each). The last block to finish takes the square
-// roots, so the op is one memset and one launch.
+// Each block takes a fixed run of kRows x 32 x kWarps vectors of grad and residual, a vector being
+// 16 bytes of the wider dtype (4 elements when either is fp32, 8 for two 16-bit dtypes; a 16-bit
+// grad under an fp32 residual is read 8 bytes at a time). The fragment layout does not shape the
+// work, so one huge fragment and thousands of tiny ones balance alike; each warp takes a contiguous
+// piece of the run, one coalesced row of 32 vectors at a time, all rows loaded before use. A warp
+// inside one fragment reduces its squares with shuffles; the block adds its warps' sums into the
+// fragment's float64 sum with one atomic per fragment it touches (a warp spanning several fragments
+// adds its share of each). The last block to finish takes the square roots, so the op is one memset
+// and one launch.
 #pragma once
 
 #include <cstdint>
@@ -29,24 +32,33 @@ constexpr int kRows = 4;  // vectors per thread
 constexpr int kBlockVectors = kRows * kThreads;
 
 struct Fp32 {
-  static constexpr int kVec = 4;
   using Raw = uint32_t;
   __device__ static float to_float(Raw b) { return __uint_as_float(b); }
   __device__ static Raw round(float f) { return __float_as_uint(f); }
 };
 
 struct Bf16 {
-  static constexpr int kVec = 8;
   using Raw = uint16_t;
   __device__ static float to_float(Raw b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
   __device__ static Raw round(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 };
 
 struct Fp16 {
-  static constexpr int kVec = 8;
   using Raw = uint16_t;
   __device__ static float to_float(Raw b) { return __half2float(__ushort_as_half(b)); }
   __device__ static Raw round(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+// Elements per vector of a (grad G, residual R) pair: 16 bytes of the wider dtype.
+template <class G, class R>
+constexpr int kVecOf = 16 / static_cast<int>(sizeof(typename G::Raw) > sizeof(typename R::Raw)
+                                                 ? sizeof(typename G::Raw)
+                                                 : sizeof(typename R::Raw));
+
+// V elements of raw type T, read and written as one aligned access.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T raw[V];
 };
 
 // Bytes of workspace a launch needs: the fragments' float64 sums and a counter of finished blocks.
@@ -56,7 +68,7 @@ struct Args {
   const void* grad;
   void* residual;
   int64_t n;
-  int64_t shift;  // both pointers lie `shift` elements past a 16-byte boundary (vectorised path)
+  int64_t shift;  // both pointers lie `shift` elements past a vector boundary (vectorised path)
   const int64_t* offsets;
   int64_t num_frags;
   double* sums;        // [num_frags], zero before the launch
@@ -64,37 +76,26 @@ struct Args {
   float* norms;        // [num_frags]
 };
 
-// a = round(g + r), stored in place of r; returns a as a float (0 outside [0, n)).
-template <class DT>
+// a = round(g + r) to R, stored in place of r; returns a as a float (0 outside [0, n)).
+template <class G, class R>
 __device__ __forceinline__ float accumulate_one(const Args& a, int64_t i) {
   if (i < 0 || i >= a.n) return 0.f;
-  const auto* g = static_cast<const typename DT::Raw*>(a.grad);
-  auto* r = static_cast<typename DT::Raw*>(a.residual);
-  const typename DT::Raw out = DT::round(DT::to_float(g[i]) + DT::to_float(r[i]));
+  const auto* g = static_cast<const typename G::Raw*>(a.grad);
+  auto* r = static_cast<typename R::Raw*>(a.residual);
+  const typename R::Raw out = R::round(G::to_float(g[i]) + R::to_float(r[i]));
   r[i] = out;
-  return DT::to_float(out);
+  return R::to_float(out);
 }
 
-template <class DT>
-__device__ __forceinline__ void accumulate_vector(const uint4& g, uint4& r, float (&a)[DT::kVec]) {
-  const uint32_t gw[4] = {g.x, g.y, g.z, g.w};
-  uint32_t rw[4] = {r.x, r.y, r.z, r.w};
+template <class G, class R, int V>
+__device__ __forceinline__ void accumulate_vector(const Pack<typename G::Raw, V>& g, Pack<typename R::Raw, V>& r,
+                                                  float (&a)[V]) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (DT::kVec == 4) {
-      const uint32_t out = DT::round(DT::to_float(gw[i]) + DT::to_float(rw[i]));
-      a[i] = DT::to_float(out);
-      rw[i] = out;
-    } else {
-      const auto lo = DT::round(DT::to_float(static_cast<uint16_t>(gw[i])) + DT::to_float(static_cast<uint16_t>(rw[i])));
-      const auto hi =
-          DT::round(DT::to_float(static_cast<uint16_t>(gw[i] >> 16)) + DT::to_float(static_cast<uint16_t>(rw[i] >> 16)));
-      a[2 * i] = DT::to_float(lo);
-      a[2 * i + 1] = DT::to_float(hi);
-      rw[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
+  for (int j = 0; j < V; ++j) {
+    const typename R::Raw out = R::round(G::to_float(g.raw[j]) + R::to_float(r.raw[j]));
+    a[j] = R::to_float(out);
+    r.raw[j] = out;
   }
-  r = uint4{rw[0], rw[1], rw[2], rw[3]};
 }
 
 // The fragment holding element i (0 <= i < n): the last f with offsets[f] <= i. Clamped to a
@@ -111,12 +112,13 @@ __device__ __forceinline__ int64_t fragment_of(const Args& a, int64_t i) {
   return lo;
 }
 
-template <class DT, bool kVectorised>
+template <class G, class R, bool kVectorised>
 __global__ void __launch_bounds__(kThreads, 2) accumulate_norms_kernel(Args args) {
   __shared__ int64_t warp_frag[kWarps];
   __shared__ double warp_sum_of[kWarps];
   __shared__ int last;
-  constexpr int V = kVectorised ? DT::kVec : 1;
+  constexpr int kVec = kVecOf<G, R>;
+  constexpr int V = kVectorised ? kVec : 1;
   const int64_t first_vector = static_cast<int64_t>(blockIdx.x) * kBlockVectors + warp_id() * kRows * 32;
   // Elements of this warp's piece: [lo, hi) in [0, n).
   const int64_t piece_lo = first_vector * V - (kVectorised ? args.shift : 0);
@@ -124,9 +126,12 @@ __global__ void __launch_bounds__(kThreads, 2) accumulate_norms_kernel(Args args
   const int64_t hi = piece_lo + kRows * 32 * V < args.n ? piece_lo + kRows * 32 * V : args.n;
   float a[kRows][V];
   if constexpr (kVectorised) {
-    const auto* g = reinterpret_cast<const uint4*>(static_cast<const char*>(args.grad) - args.shift * (16 / V));
-    auto* r = reinterpret_cast<uint4*>(static_cast<char*>(args.residual) - args.shift * (16 / V));
-    uint4 gv[kRows], rv[kRows];
+    using GPack = Pack<typename G::Raw, kVec>;
+    using RPack = Pack<typename R::Raw, kVec>;
+    const auto* g = reinterpret_cast<const GPack*>(static_cast<const typename G::Raw*>(args.grad) - args.shift);
+    auto* r = reinterpret_cast<RPack*>(static_cast<typename R::Raw*>(args.residual) - args.shift);
+    GPack gv[kRows];
+    RPack rv[kRows];
     bool whole[kRows];
 #pragma unroll
     for (int row = 0; row < kRows; ++row) {
@@ -139,16 +144,16 @@ __global__ void __launch_bounds__(kThreads, 2) accumulate_norms_kernel(Args args
     for (int row = 0; row < kRows; ++row) {
       const int64_t v = first_vector + row * 32 + lane_id();
       if (whole[row]) {
-        accumulate_vector<DT>(gv[row], rv[row], a[row]);
+        accumulate_vector<G, R>(gv[row], rv[row], a[row]);
         r[v] = rv[row];
       } else {
 #pragma unroll
-        for (int j = 0; j < V; ++j) a[row][j] = accumulate_one<DT>(args, v * V - args.shift + j);
+        for (int j = 0; j < V; ++j) a[row][j] = accumulate_one<G, R>(args, v * V - args.shift + j);
       }
     }
   } else {
 #pragma unroll
-    for (int row = 0; row < kRows; ++row) a[row][0] = accumulate_one<DT>(args, piece_lo + row * 32 + lane_id());
+    for (int row = 0; row < kRows; ++row) a[row][0] = accumulate_one<G, R>(args, piece_lo + row * 32 + lane_id());
   }
   // The squares of the elements in [from, to), summed over the warp. Positions are taken relative
   // to the piece (32-bit); elements outside [0, n) hold 0 and add nothing.
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 2) accumulate_norms_kernel(Args args
   }
 }
 
-// Blocks of a launch over n elements whose pointers lie `shift` elements past a 16-byte boundary
+// Blocks of a launch over n elements whose pointers lie `shift` elements past a vector boundary
 // (vectorised) or read element by element; at least one, which takes the square roots.
 inline unsigned blocks_for(int64_t n, int64_t shift, int vec, bool vectorised) {
   const int64_t per_block = static_cast<int64_t>(kBlockVectors) * (vectorised ? vec : 1);
@@ -213,22 +218,23 @@ inline unsigned blocks_for(int64_t n, int64_t shift, int vec, bool vectorised) {
   return static_cast<unsigned>(span > 0 ? (span + per_block - 1) / per_block : 1);
 }
 
-// The whole op on `stream`: grad and residual contiguous, n elements each, one dtype; offsets
-// (num_frags + 1 entries) and norms (num_frags) on the device; `workspace` workspace_bytes(num_frags)
-// bytes, any content. Returns the first launch error.
-template <class DT>
+// The whole op on `stream`: grad (dtype G) and residual (dtype R) contiguous, n elements each;
+// offsets (num_frags + 1 entries) and norms (num_frags) on the device; `workspace`
+// workspace_bytes(num_frags) bytes, any content. Returns the first launch error.
+template <class G, class R>
 cudaError_t launch(const void* grad, void* residual, int64_t n, const int64_t* offsets, int64_t num_frags,
                    void* workspace, float* norms, cudaStream_t stream) {
-  const int64_t shift = vector_shift(grad, DT::kVec);
-  const bool vectorised = shift == vector_shift(residual, DT::kVec);
+  constexpr int kVec = kVecOf<G, R>;
+  const int64_t shift = element_shift(grad, sizeof(typename G::Raw), kVec);
+  const bool vectorised = shift == element_shift(residual, sizeof(typename R::Raw), kVec);
   auto* sums = static_cast<double*>(workspace);
   const Args args{grad, residual, n, shift, offsets, num_frags, sums, reinterpret_cast<unsigned*>(sums + num_frags),
                   norms};
   const cudaError_t err = memset_async(workspace, 0, static_cast<size_t>(workspace_bytes(num_frags)), stream);
   if (err != cudaSuccess) return err;
-  const unsigned blocks = blocks_for(n, shift, DT::kVec, vectorised);
-  return vectorised ? launch_kernel(accumulate_norms_kernel<DT, true>, blocks, kThreads, stream, args)
-                    : launch_kernel(accumulate_norms_kernel<DT, false>, blocks, kThreads, stream, args);
+  const unsigned blocks = blocks_for(n, shift, kVec, vectorised);
+  return vectorised ? launch_kernel(accumulate_norms_kernel<G, R, true>, blocks, kThreads, stream, args)
+                    : launch_kernel(accumulate_norms_kernel<G, R, false>, blocks, kThreads, stream, args);
 }
 
 }  // namespace deft_kernels::cuda::norms

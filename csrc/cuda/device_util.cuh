@@ -2,8 +2,9 @@
 // accumulate_norms_kernels.cuh).
 //
 // The kernel headers are written in a small subset of CUDA (built-in indices, __syncthreads, warp
-// shuffles and ballots, atomics, raw pointers; no CUB, no <<<>>>) and include no CUDA header: the
-// file that includes them provides the subset first. The .cu files include the CUDA runtime and
+// shuffles and ballots, atomics, raw pointers; no CUB, no <<<>>>), plus Prefetched<T> (a register
+// loaded ahead of its use), and include no CUDA header: the file that includes them provides the
+// subset first. The .cu files include the CUDA runtime and
 // define launch_kernel / memset_async with real launches (launch.cuh); the host tests under
 // tests/cpp include a CPU emulation of the subset instead (tests/cpp/cuda_emulator.h), which is how
 // the kernels' logic runs in CI on machines without a GPU.

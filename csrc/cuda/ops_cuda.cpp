@@ -77,8 +77,7 @@ at::Tensor accumulate_norms_cuda(const at::Tensor& grad, at::Tensor& residual, c
   check_cuda_values(residual, "residual");
   TORCH_CHECK(grad.device() == residual.device(), "residual is on ", residual.device(), " but grad is on ",
               grad.device());
-  TORCH_CHECK(grad.scalar_type() == residual.scalar_type(), "residual dtype ", residual.scalar_type(),
-              " must match grad dtype ", grad.scalar_type());
+  check_accumulate_dtypes(grad.scalar_type(), residual.scalar_type());
   TORCH_CHECK(grad.numel() == residual.numel(), "residual length ", residual.numel(), " must match grad length ",
               grad.numel());
   TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, "offsets must be a 1-D int64 tensor");
@@ -99,13 +98,15 @@ at::Tensor accumulate_norms_cuda(const at::Tensor& grad, at::Tensor& residual, c
   at::Tensor norms = at::empty({num_frags}, grad.options().dtype(at::kFloat));
   at::Tensor workspace =
       at::empty({cuda::accumulate_norms_workspace_bytes(num_frags)}, grad.options().dtype(at::kByte));
-  const auto type = grad.scalar_type() == at::kFloat      ? cuda::FloatType::f32
-                    : grad.scalar_type() == at::kBFloat16 ? cuda::FloatType::bf16
-                                                          : cuda::FloatType::f16;
+  auto type_of = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat      ? cuda::FloatType::f32
+           : t.scalar_type() == at::kBFloat16 ? cuda::FloatType::bf16
+                                              : cuda::FloatType::f16;
+  };
   const cudaError_t err = cuda::accumulate_norms_launch(
-      type, grad.const_data_ptr(), residual.mutable_data_ptr(), grad.numel(), device_offsets.const_data_ptr<int64_t>(),
-      num_frags, workspace.mutable_data_ptr(), norms.mutable_data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream().stream());
+      type_of(grad), type_of(residual), grad.const_data_ptr(), residual.mutable_data_ptr(), grad.numel(),
+      device_offsets.const_data_ptr<int64_t>(), num_frags, workspace.mutable_data_ptr(),
+      norms.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "accumulate_norms: CUDA launch failed: ", cudaGetErrorString(err));
   return norms;
 }

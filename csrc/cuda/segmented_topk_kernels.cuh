@@ -414,20 +414,32 @@ __device__ __forceinline__ void for_tile_vectors(const Input& in, const Tile& tl
   }
 }
 
+// A slot entry as a lane holds it: key and position in the tile, loaded ahead of use.
+using SlotKey = Prefetched<uint32_t>;
+using SlotPos = Prefetched<uint16_t>;
+
 // Calls visit(key, pos, has) for the entries of a complete tile's slot in order, 32 at a time (kBatch
 // x 32 loaded before use); `has` is false past the last entry. Every lane calls it the same number
-// of times. An entry may be overwritten by visit at an index at most its own (the loads of a batch
-// precede its visits).
+// of times. An entry may be overwritten by visit at an index at most its own: a __syncwarp orders
+// every lane's loads of the batch before any lane's visit (the ballots inside visits synchronise
+// execution but order no memory, and the compiler may sink a load to its first use).
 template <class Visit>
 __device__ __forceinline__ void for_slot_entries(const WorkView& w, const Tile& tl, uint32_t count, Visit&& visit) {
   for (uint32_t c = 0; c < count; c += kBatch * 32) {
-    uint32_t key[kBatch], pos[kBatch];
+    SlotKey key[kBatch];
+    SlotPos pos[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const uint32_t i = c + u * 32 + lane_id();
-      key[u] = i < count ? w.slot_key[tl.slot + i] : 0u;
-      pos[u] = i < count ? w.slot_pos[tl.slot + i] : 0u;
+      if (i < count) {
+        key[u].load(w.slot_key + tl.slot + i);
+        pos[u].load(w.slot_pos + tl.slot + i);
+      } else {
+        key[u].set(0);
+        pos[u].set(0);
+      }
     }
+    __syncwarp();
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) visit(key[u], pos[u], c + u * 32 + lane_id() < count);
   }
@@ -462,17 +474,17 @@ __global__ void __launch_bounds__(kThreads) refine_kernel(Input in, PlanView p, 
   if (w.tile_local[t] <= static_cast<int32_t>(top)) {
     const uint32_t count = w.tile_count[t];
     uint32_t kept = 0;
-    for_slot_entries(w, tl, count, [&](uint32_t key, uint32_t pos, bool has) {
-      if (has && in_running(key)) atomicAdd(seg_hist + KT::template digit<L>(key), 1u);
+    for_slot_entries(w, tl, count, [&](const SlotKey& key, const SlotPos& pos, bool has) {
+      if (has && in_running(key.get())) atomicAdd(seg_hist + KT::template digit<L>(key.get()), 1u);
       if constexpr (L == 1) {
         // In place: entry i moves to kept + (kept entries before it in this chunk) <= i, and every
-        // lane has read its entry before the ballot.
-        const bool keep = has && KT::template digit<0>(key) >= top;
+        // lane's loads of the batch precede the stores (the __syncwarp in for_slot_entries).
+        const bool keep = has && KT::template digit<0>(key.get()) >= top;
         const unsigned ballot = __ballot_sync(kFullMask, keep);
         if (keep) {
           const uint32_t e = kept + static_cast<uint32_t>(__popc(ballot & lanes_below()));
-          w.slot_key[tl.slot + e] = key;
-          w.slot_pos[tl.slot + e] = static_cast<uint16_t>(pos);
+          w.slot_key[tl.slot + e] = key.get();
+          w.slot_pos[tl.slot + e] = pos.get();
         }
         kept += static_cast<uint32_t>(__popc(ballot));
       }
@@ -509,9 +521,9 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Input in, PlanView p, W
     const uint32_t thr = w.seg_prefix[tl.seg];
     uint32_t gt = 0, eq = 0;
     if (w.tile_local[t] <= static_cast<int32_t>(w.seg_top[tl.seg])) {
-      for_slot_entries(w, tl, w.tile_count[t], [&](uint32_t key, uint32_t, bool has) {
-        gt += has && key > thr;
-        eq += has && key == thr;
+      for_slot_entries(w, tl, w.tile_count[t], [&](const SlotKey& key, const SlotPos&, bool has) {
+        gt += has && key.get() > thr;
+        eq += has && key.get() == thr;
       });
     } else {
       for_tile_vectors<KT>(in, tl, [&](const uint32_t(&key)[KT::kVec], int64_t, uint32_t valid) {
@@ -573,12 +585,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t first = index_base + tl.first_index;
   uint32_t ties = 0, written = 0;  // ties seen and indices written by the chunks before
   if (w.tile_local[t] <= static_cast<int32_t>(w.seg_top[tl.seg])) {
-    for_slot_entries(w, tl, w.tile_count[t], [&](uint32_t key, uint32_t pos, bool has) {
-      const bool tie = has && key == thr;
+    for_slot_entries(w, tl, w.tile_count[t], [&](const SlotKey& key, const SlotPos& pos, bool has) {
+      const bool tie = has && key.get() == thr;
       const unsigned tie_ballot = __ballot_sync(kFullMask, tie);
-      const bool sel = (has && key > thr) || (tie && ties + __popc(tie_ballot & lanes_below()) < take);
+      const bool sel = (has && key.get() > thr) || (tie && ties + __popc(tie_ballot & lanes_below()) < take);
       const unsigned sel_ballot = __ballot_sync(kFullMask, sel);
-      if (sel) dst[written + __popc(sel_ballot & lanes_below())] = first + pos;
+      if (sel) dst[written + __popc(sel_ballot & lanes_below())] = first + pos.get();
       ties += __popc(tie_ballot);
       written += __popc(sel_ballot);
     });

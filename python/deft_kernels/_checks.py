@@ -21,12 +21,16 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def check_tensor(name: str, t, *, dtypes=None, dim: int | None = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+        allowed = ", ".join(_name(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {_name(t.dtype)}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
@@ -82,13 +86,18 @@ def check_indices(indices, n: int, validate: bool) -> None:
             raise ValueError(f"indices must lie in [0, {n}), got values in [{lo.item()}, {hi.item()}]")
 
 
+# The 16-bit dtypes whose gradient may accumulate into a float32 residual.
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def accumulate_norms_args(grad, residual, offsets, validate: bool) -> None:
     check_tensor("grad", grad, dtypes=SUPPORTED_DTYPES)
     check_tensor("residual", residual, dtypes=SUPPORTED_DTYPES)
     check_same_device("grad", grad, residual=residual)
     check_metadata_device("grad", grad, offsets=offsets)
-    if residual.dtype != grad.dtype:
-        raise TypeError(f"residual dtype {residual.dtype} must match grad dtype {grad.dtype}")
+    if residual.dtype != grad.dtype and not (grad.dtype in _HALF_DTYPES and residual.dtype == torch.float32):
+        raise TypeError(f"residual dtype {_name(residual.dtype)} does not go with grad dtype {_name(grad.dtype)}: "
+                        "residual must have grad's dtype, or be float32 under a bfloat16 or float16 grad")
     if residual.numel() != grad.numel():
         raise ValueError(f"residual length {residual.numel()} must match grad length {grad.numel()}")
     if not residual.is_contiguous():

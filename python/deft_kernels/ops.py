@@ -55,10 +55,14 @@ def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.
     """Error-feedback accumulation fused with per-fragment L2 norms, in one pass over the data.
 
     ``residual`` is updated in place to ``a = grad + residual`` (fp32 arithmetic, one rounding to
-    the dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment is returned.
-    ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in place) and
-    have ``grad``'s dtype and length. A NaN or inf in ``a`` gives a NaN or inf norm for its fragment.
-    ``offsets`` may be a CPU tensor next to CUDA data (uploaded without synchronising).
+    the residual's dtype) and the fp32 norm ``||a[offsets[f]:offsets[f+1]]||_2`` of every fragment
+    is returned. ``grad`` may be non-contiguous; ``residual`` must be contiguous (it is written in
+    place), have ``grad``'s length, and either ``grad``'s dtype or float32 under a bfloat16 or
+    float16 ``grad``: a 16-bit gradient accumulates into its fp32 residual in place, with no fp32
+    copy of the gradient (4 bytes per element less than copying it to fp32 first), and ``a`` is
+    then the fp32 sum, unrounded. A NaN or inf in ``a`` (in either input, or the sum overflowing the
+    residual's dtype) gives a NaN or inf norm for its fragment. ``offsets`` may be a CPU tensor next
+    to CUDA data (uploaded without synchronising).
     """
     _checks.accumulate_norms_args(grad, residual, offsets, validate)
     return torch.ops.deft_kernels.accumulate_norms(grad.contiguous(), residual, offsets)

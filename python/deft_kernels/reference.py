@@ -32,8 +32,9 @@ def magnitude_key(x: torch.Tensor) -> torch.Tensor:
 
 
 def accumulate_norms(grad: torch.Tensor, residual: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``residual <- grad + residual`` (fp32 arithmetic, one rounding to the dtype); returns the
-    fp32 L2 norm of the updated residual over each fragment ``[offsets[f], offsets[f+1])``."""
+    """``residual <- grad + residual`` (fp32 arithmetic, one rounding to the residual's dtype, which
+    is the gradient's or float32 under a 16-bit gradient); returns the fp32 L2 norm of the updated
+    residual over each fragment ``[offsets[f], offsets[f+1])``."""
     acc = (grad.float() + residual.float()).to(residual.dtype)
     residual.copy_(acc)
     sq = acc.float().square()

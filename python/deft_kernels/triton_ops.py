@@ -11,7 +11,8 @@ imported on the first CUDA call that needs them).
 Same semantics as the CPU ops (see :mod:`deft_kernels.ops` and :mod:`deft_kernels.reference`):
 
 - ``accumulate_norms``: one read of ``grad`` and ``residual``, one write of ``a = grad + residual``
-  (fp32 arithmetic, one rounding). Each block squares its values in float64 (exact for fp32
+  (fp32 arithmetic, one rounding to the residual's dtype, which may be fp32 under a 16-bit
+  ``grad``). Each block squares its values in float64 (exact for fp32
   inputs), sums them per fragment it overlaps, and adds the partial sums into a float64 vector with
   atomics, so the norm is as close to exact as the CPU kernel's whatever the layout.
 - ``segmented_topk``: radix select on the magnitude key (bit pattern of ``|x|``: NaN above ``+inf``,

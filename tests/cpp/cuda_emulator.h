@@ -9,9 +9,21 @@
 // results here too. A barrier that cannot complete (a thread exited or skipped it) aborts with a
 // message. Atomics are plain read-modify-writes (there is one OS thread); memory is host memory.
 //
+// Memory order inside a warp. Warp votes and shuffles synchronise execution but order no memory
+// (only __syncwarp, __syncthreads and fences do), so a load a lane issued before a vote may be
+// performed after another lane's store that follows the vote; the compiler may even move the load
+// down to its first use. Loads made through Prefetched<T> (the subset's "value loaded ahead of its
+// use") are performed here as late as that allows: at their first use, or at the lane's next
+// __syncwarp, __syncthreads or __threadfence, whichever comes first. With set_lane_order(descending)
+// or (ascending) the threads resume after every barrier highest (lowest) lane first instead of in a
+// random order: the adversaries of a warp that compacts in place toward lower (higher) indices,
+// whose lanes then see another lane's store where their own entry was unless a __syncwarp
+// separates the loads from the stores.
+//
 // What it cannot show: races that need real concurrency (two threads of one warp between
-// collectives, weak memory ordering between blocks), performance, and anything about the hardware.
-// It is a test harness for the kernels' logic, not a substitute for running them on a GPU.
+// collectives on plain loads, weak memory ordering between blocks), performance, and anything about
+// the hardware. It is a test harness for the kernels' logic, not a substitute for running them on a
+// GPU.
 #pragma once
 
 // Fibers start with makecontext and then switch with _setjmp/_longjmp (swapcontext makes a system
@@ -66,6 +78,15 @@ struct Barrier {
   unsigned generation = 0;
 };
 
+// A load issued but not yet performed (Prefetched<T>); perform() reads memory now and removes it
+// from its fiber's list.
+struct LateLoad {
+  virtual void perform() = 0;
+
+ protected:
+  ~LateLoad() = default;
+};
+
 struct Fiber {
   ucontext_t context;
   jmp_buf jump;
@@ -73,7 +94,10 @@ struct Fiber {
   std::vector<char> stack;
   bool done = false;
   bool waiting = false;
+  std::vector<LateLoad*> late;  // this thread's loads not performed yet
 };
+
+enum class LaneOrder { random, ascending, descending };
 
 struct Scheduler {
   ucontext_t main_context;
@@ -88,11 +112,27 @@ struct Scheduler {
   std::vector<Barrier> warp_barrier;
   std::vector<uint64_t> warp_slot;  // one 64-bit slot per thread, exchanged by warp collectives
   std::mt19937_64 rng{12345};
+  LaneOrder lane_order = LaneOrder::random;
 };
 
 inline Scheduler& sched() {
   static Scheduler s;
   return s;
+}
+
+// The order in which threads resume after every barrier, for the launches that follow.
+inline void set_lane_order(LaneOrder order) { sched().lane_order = order; }
+
+// The calling thread's loads not performed yet.
+inline std::vector<LateLoad*>& late_loads() {
+  Scheduler& s = sched();
+  return s.fibers[s.current].late;
+}
+
+// Performs the calling thread's pending loads (at a memory-ordering point).
+inline void perform_late_loads() {
+  std::vector<LateLoad*>& late = late_loads();
+  while (!late.empty()) late.back()->perform();
 }
 
 inline void yield() {
@@ -142,7 +182,14 @@ inline void trampoline() {
 // them arrived at a barrier or finished.
 inline bool run_round(bool lagging, unsigned& live) {
   Scheduler& s = sched();
-  std::shuffle(s.order.begin(), s.order.end(), s.rng);
+  if (s.lane_order == LaneOrder::random) {
+    std::shuffle(s.order.begin(), s.order.end(), s.rng);
+  } else {
+    const bool down = s.lane_order == LaneOrder::descending;
+    std::sort(s.order.begin(), s.order.end(), [down](unsigned a, unsigned b) {
+      return a % 32 != b % 32 ? (a % 32 > b % 32) == down : a < b;
+    });
+  }
   s.progressed = false;
   for (unsigned t : s.order) {
     if (s.fibers[t].done || s.lagging[t] != lagging) continue;
@@ -174,6 +221,7 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     Fiber& f = s.fibers[t];
     f.stack.resize(kStack);
     f.done = f.waiting = f.started = false;
+    f.late.clear();
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.data();
     f.context.uc_stack.ss_size = kStack;
@@ -226,15 +274,17 @@ uint64_t exchange(unsigned mask, uint64_t mine, F&& pick) {
 inline void __syncthreads() {
   cuda_emulator::Scheduler& s = cuda_emulator::sched();
   const unsigned tid = threadIdx.x;
+  cuda_emulator::perform_late_loads();
   cuda_emulator::arrive_and_wait(s.block_barrier, blockDim.x);
   threadIdx.x = tid;
 }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  cuda_emulator::perform_late_loads();
   cuda_emulator::exchange(mask, 0, [](const uint64_t*) { return uint64_t{0}; });
 }
 
-inline void __threadfence() {}
+inline void __threadfence() { cuda_emulator::perform_late_loads(); }
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -335,6 +385,47 @@ cudaError_t launch_kernel(void (*kernel)(P...), unsigned grid, unsigned block, c
   }
   return cudaSuccess;
 }
+
+// A value loaded ahead of its use (launch.cuh has the GPU's): the load is performed at the first
+// get(), or at the thread's next __syncwarp, __syncthreads or __threadfence if that comes first
+// (see the top of this file). Not copyable: the thread's list of pending loads points at it.
+template <class T>
+class Prefetched final : cuda_emulator::LateLoad {
+ public:
+  Prefetched() = default;
+  Prefetched(const Prefetched&) = delete;
+  Prefetched& operator=(const Prefetched&) = delete;
+  ~Prefetched() { forget(); }
+
+  void load(const T* p) {
+    forget();
+    from_ = p;
+    cuda_emulator::late_loads().push_back(this);
+  }
+  void set(T v) {
+    forget();
+    value_ = v;
+  }
+  T get() const {
+    if (from_ != nullptr) {
+      value_ = *from_;
+      forget();
+    }
+    return value_;
+  }
+  void perform() override { get(); }
+
+ private:
+  void forget() const {
+    if (from_ == nullptr) return;
+    std::vector<cuda_emulator::LateLoad*>& late = cuda_emulator::late_loads();
+    late.erase(std::find(late.begin(), late.end(), static_cast<const cuda_emulator::LateLoad*>(this)));
+    from_ = nullptr;
+  }
+
+  mutable const T* from_ = nullptr;
+  mutable T value_{};
+};
 
 inline cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t) {
   std::memset(p, value, bytes);

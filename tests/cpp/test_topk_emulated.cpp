@@ -1,7 +1,9 @@
 // The CUDA segmented top-k (csrc/cuda/segmented_topk_kernels.cuh), its whole launch sequence, run on
 // the CPU emulation of CUDA (cuda_emulator.h) against a sort-based reference: fp32 and 16-bit keys,
 // values at every alignment, small / large / tiny segments, k = 0, 1, size, random, listed subsets
-// (empty, permuted), heavy ties, NaN/inf/-0, and skewed data that leaves tiles incomplete.
+// (empty, permuted), heavy ties, NaN/inf/-0, and skewed data that leaves tiles incomplete; each
+// with threads resuming after every barrier in a random order and in the two fixed lane orders
+// (cuda_emulator.h: loads through Prefetched are performed as late as the memory model allows).
 // Built and run by tests/test_cuda_compile.py; prints "topk_emulated: ok".
 #include "cuda_emulator.h"
 // clang-format off
@@ -168,8 +170,15 @@ void run_all(const char* dtype) {
 }
 
 int main() {
-  run_all<topk::Key32, uint32_t>("fp32");
-  run_all<topk::Key16, uint16_t>("16-bit");
+  // Random lane order after every barrier, then the two fixed orders: highest lane first is the
+  // adversary of refine<1>'s in-place compaction toward lower slot entries (a lane's late load of
+  // its entry would see another lane's store without the __syncwarp after the batch loads).
+  using cuda_emulator::LaneOrder;
+  for (LaneOrder order : {LaneOrder::random, LaneOrder::descending, LaneOrder::ascending}) {
+    cuda_emulator::set_lane_order(order);
+    run_all<topk::Key32, uint32_t>("fp32");
+    run_all<topk::Key16, uint16_t>("16-bit");
+  }
   std::puts("topk_emulated: ok");
   return 0;
 }
