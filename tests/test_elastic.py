@@ -1,11 +1,15 @@
 """deft_kernels.elastic without a cluster: checkpoints per rank (atomic files, completeness, keep,
-the DeftState restored so that training continues exactly), the errors naming a lost peer (from the
-messages gloo gave on the emulated cluster), and bad arguments. tests/test_cluster_faults.py runs the
+the DeftState restored so that training continues exactly, loaded with weights_only=True, agreed on
+the group's device), the errors naming a lost peer (from the messages gloo gave on the emulated
+cluster), and bad arguments. tests/test_cluster_faults.py runs the
 whole recipe with real faults."""
 
 
+import pickle
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -14,20 +18,23 @@ from deft_kernels import DeftState, deft_hook
 from deft_kernels import elastic
 from deft_kernels.elastic import (RESTART_ENV, PeerFailure, check_restart_store, complete_checkpoints, load_checkpoint,
                                   naming_failures, rank_addresses, save_checkpoint)
+from deft_kernels.sparsifiers import SPARSIFIERS
 
 # What gloo raised on the emulated cluster (2 nodes, timeout 5 s): a peer's process SIGKILLed, its link down.
 RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [198.18.0.2]:59031: "
          "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
 TIMEOUT = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete"
 
+KWARGS = {"threshold": {"threshold": 0.05}}
 
 
 
-def _build():
+
+def _build(sparsifier="deft"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = DeftState(sparsifier="deft", density=0.05, warmup_steps=2)
+    state = DeftState(sparsifier=sparsifier, density=0.05, warmup_steps=2, **KWARGS.get(sparsifier, {}))
     return model, opt, state
 
 
@@ -56,6 +63,95 @@ def test_resume_from_checkpoint_equals_not_stopping(world_of_one, tmp_path):
     assert (step, extra) == (9, {"step": 9}) and state.iter == 9 and state.sparsifiers
     _train(model, opt, state, range(9, 10))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight))
+
+
+@pytest.mark.parametrize("name", sorted(SPARSIFIERS))
+def test_files_load_with_weights_only(world_of_one, tmp_path, name):
+    """Every sparsifier's state, past the warm-up, with an optimizer holding momentum: nothing in the
+    file needs more than torch.load(weights_only=True)."""
+    model, opt, state = _build(name)
+    _train(model, opt, state, range(4))
+    path = save_checkpoint(tmp_path, 4, model=model, optimizer=opt, state=state,
+                           extra={"step": 4, "losses": [0.5, 0.25], "seed": torch.tensor([7])})
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    saved = torch.load(path, weights_only=True)
+    assert saved["deft"]["buckets"] and saved["extra"]["losses"] == [0.5, 0.25]
+    model, opt, state = _build(name)
+    assert load_checkpoint(tmp_path, model=model, optimizer=opt, state=state)[0] == 4 and state.iter == 4
+
+
+_RAN = []
+
+
+def _mark_ran():
+    _RAN.append(True)
+    return "pwned"
+
+
+class _Payload:
+    """What a writer with access to a shared checkpoint folder could plant: unpickling it calls a function."""
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def test_loading_runs_no_pickled_code(world_of_one, tmp_path):
+    model = _build()[0]
+    save_checkpoint(tmp_path, 3, model=model)
+    path = tmp_path / "step_00000003" / "rank0.pt"
+    saved = torch.load(path, weights_only=True)
+    torch.save(dict(saved, extra=_Payload()), path)  # rewritten behind save_checkpoint's back
+    _RAN.clear()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(tmp_path, model=_build()[0])
+    assert not _RAN
+
+
+class _Note:
+    def __init__(self, text):
+        self.text = text
+
+
+def test_save_refuses_what_weights_only_cannot_load(world_of_one, tmp_path):
+    model = _build()[0]
+    with pytest.raises(TypeError, match=r"_Note.*torch.load\(weights_only=True\) refuses"):
+        save_checkpoint(tmp_path, 3, model=model, extra=_Note("hi"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # neither the file nor its temporary
+    with pytest.raises(AttributeError, match="pickle"):  # what pickle cannot write at all
+        save_checkpoint(tmp_path, 3, model=model, extra=lambda: None)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    with torch.serialization.safe_globals([_Note]):  # allowed where the loader allows it too
+        save_checkpoint(tmp_path, 3, model=model, extra=_Note("hi"))
+        assert load_checkpoint(tmp_path, model=model)[1].text == "hi"
+
+
+def test_collective_device_follows_the_backend(world_of_one, monkeypatch):
+    assert elastic._collective_device(None) == torch.device("cpu")  # gloo
+    monkeypatch.setattr(dist.distributed_c10d, "_get_object_coll_device", lambda group: "cuda")  # what NCCL gives
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert elastic._collective_device(None) == torch.device("cuda", 3)
+
+
+class _Collective(Exception):
+    pass
+
+
+def test_load_agrees_on_the_groups_device(world_of_one, tmp_path, monkeypatch):
+    """A stand-in for a backend that takes only its own device's tensors (NCCL rejects CPU tensors):
+    every collective of load_checkpoint must be handed a tensor on the group's device (here 'meta')."""
+    devices = []
+
+    def nccl_like(tensor_or_list, *args, **kwargs):
+        tensors = tensor_or_list if isinstance(tensor_or_list, list) else [tensor_or_list]
+        devices.extend(t.device.type for t in tensors + [a for a in args if isinstance(a, torch.Tensor)])
+        raise _Collective
+
+    monkeypatch.setattr(elastic, "_collective_device", lambda group: torch.device("meta"), raising=False)
+    monkeypatch.setattr(dist, "all_reduce", nccl_like)
+    monkeypatch.setattr(dist, "all_gather", nccl_like)
+    with pytest.raises(_Collective):
+        load_checkpoint(tmp_path, model=_build()[0])
+    assert devices and set(devices) == {"meta"}
 
 
 def test_the_shared_restart_store_is_flagged_once(monkeypatch, recwarn):

@@ -19,7 +19,11 @@ Why each rank saves its own file: each rank's residual (what it selected but has
 differs; a checkpoint with rank 0's alone loses the others' (``DeftState.load_state_dict`` refuses
 another rank's file). A checkpoint ``step_<step>`` is complete when every rank's file is there:
 files are written to a temporary name and renamed, so a rank killed while saving leaves no partial
-file. At start the ranks agree (one all-reduce) on the newest step complete for all of them.
+file. At start the ranks agree (one all-reduce, on the device the group's backend takes: the current
+CUDA device under NCCL) on the newest step complete for all of them. Files are read with
+``torch.load(weights_only=True)`` (a directory on a shared filesystem is an input like any other, and
+a full unpickler runs whatever a writer put there); a save whose contents that loader would refuse
+raises instead.
 
 What a peer's loss looks like (gloo, measured on the emulated cluster, docs/operations.md): a peer
 whose process dies closes its connections and the others raise at once ("Connection reset by peer",
@@ -74,14 +78,34 @@ def _check_parts(optimizer: Any, state: Any) -> None:
         raise TypeError(f"state must be a DeftState or None, got {type(state).__name__}")
 
 
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file, checked to load with
+    ``weights_only=True`` before it is renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(payload, tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise TypeError(f"the checkpoint holds {sorted(unsafe)}, which torch.load(weights_only=True) refuses, "
+                            "so load_checkpoint could not read it: keep extra (and any custom optimizer state) to "
+                            "tensors, numbers, strings and lists, tuples and dicts of them, or allow the types with "
+                            "torch.serialization.add_safe_globals in the saving and the loading process")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: DeftState | None = None,
                     extra: Any = None, keep: int = 2, group: dist.ProcessGroup | None = None) -> Path:
     """Write this rank's file ``directory/step_<step>/rank<r>.pt`` (model, optimizer, ``state``'s
     ``state_dict()``, ``extra``), atomically; call it on every rank at the same step, between
-    iterations. Removes this rank's files of all but the ``keep`` newest steps (``keep >= 2``: when a
-    rank saves step s, every rank has finished saving the step before, whose collectives it has
-    passed, so that one is complete). Returns the file's path."""
+    iterations. ``extra`` must load with ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+    and lists, tuples and dicts of them), else a ``TypeError`` names what does not. Removes this
+    rank's files of all but the ``keep`` newest steps (``keep >= 2``: when a rank saves step s, every
+    rank has finished saving the step before, whose collectives it has passed, so that one is
+    complete). Returns the file's path."""
     root = _check_dir(directory)
     step = check_int("step", step, 0)
     keep = check_int("keep", keep, 2)
@@ -92,11 +116,9 @@ def save_checkpoint(directory: str | os.PathLike, step: int, *, model: torch.nn.
     folder = root / f"step_{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rank{rank}.pt"
-    tmp = folder / f".rank{rank}.pt.tmp"
-    torch.save({"step": step, "rank": rank, "world_size": n, "model": module.state_dict(),
-                "optimizer": None if optimizer is None else optimizer.state_dict(),
-                "deft": None if state is None else state.state_dict(), "extra": extra}, tmp)
-    os.replace(tmp, path)
+    _write(path, {"step": step, "rank": rank, "world_size": n, "model": module.state_dict(),
+                  "optimizer": None if optimizer is None else optimizer.state_dict(),
+                  "deft": None if state is None else state.state_dict(), "extra": extra})
     for old in sorted(_step_dirs(root))[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             (root / f"step_{old:08d}" / f"rank{rank}.pt").unlink()
@@ -150,12 +172,25 @@ def complete_checkpoints(directory: str | os.PathLike, world_size: int) -> list[
                   if all((root / f"step_{s:08d}" / f"rank{r}.pt").is_file() for r in range(world_size)))
 
 
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """The device of the tensors ``group``'s backend takes, chosen as torch's own object collectives
+    (``all_gather_object``) choose it: the CPU where a backend of the group takes CPU tensors (gloo),
+    else the current device of its accelerator (NCCL: the current CUDA device, which an NCCL training
+    script sets with ``torch.cuda.set_device``)."""
+    kind = dist.distributed_c10d._get_object_coll_device(group)
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, torch.get_device_module(kind).current_device())
+
+
 def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: DeftState | None = None,
                     group: dist.ProcessGroup | None = None) -> tuple[int, Any]:
     """Load this rank's file of the newest checkpoint that every rank of ``group`` has complete (the
-    ranks agree with one all-reduce, so it is a collective: call it on every rank) into ``model``,
-    ``optimizer`` and ``state``; returns ``(step, extra)``, or ``(0, None)`` when there is none.
+    ranks agree with one all-reduce on the group's device, as its backend requires: the current CUDA
+    device under NCCL; so it is a collective: call it on every rank) into ``model``, ``optimizer``
+    and ``state``; returns ``(step, extra)``, or ``(0, None)`` when there is none. Files are read
+    with ``torch.load(weights_only=True)``.
     Load before registering ``state`` on a freshly built DDP model. Under torchrun, warns once when
     its environment lacks :data:`RESTART_ENV` (:func:`check_restart_store`)."""
     root = _check_dir(directory)
@@ -166,13 +201,13 @@ def load_checkpoint(directory: str | os.PathLike, *, model: torch.nn.Module,
     check_restart_store()
     steps = complete_checkpoints(root, n)
     newest = steps[-1] if steps else -1
-    if n > 1:
-        agreed = torch.tensor([newest], dtype=torch.int64)
+    if dist.is_available() and dist.is_initialized():
+        agreed = torch.tensor([newest], dtype=torch.int64, device=_collective_device(group))
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-        newest = int(agreed)
+        newest = int(agreed.item())
     if newest < 0:
         return 0, None
-    saved = torch.load(root / f"step_{newest:08d}" / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(root / f"step_{newest:08d}" / f"rank{rank}.pt", map_location="cpu", weights_only=True)
     if (saved["rank"], saved["world_size"]) != (rank, n):
         raise ValueError(f"{root}/step_{newest:08d}/rank{rank}.pt was saved by rank {saved['rank']} of "
                          f"{saved['world_size']}, this is rank {rank} of {n}")
