@@ -7,7 +7,11 @@ bench/cluster_soak.py run this script on the emulated cluster and inject faults.
     torchrun --nnodes 2 --nproc-per-node 1 --max-restarts 3 --rdzv-backend c10d \\
         --rdzv-endpoint NODE0:29400 --rdzv-id job1 examples/elastic_ddp.py --ckpt ckpt --steps 200
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc-per-node 2 --max-restarts 3 \\
-        examples/elastic_ddp.py --ckpt ckpt
+        examples/elastic_ddp.py --ckpt ckpt --run-id job2
+
+The checkpoints of a run live under ``CKPT/<run id>`` (``--run-id``, by default torchrun's
+``--rdzv-id``: the same across the restarts of one torchrun, which is what ``--max-restarts`` needs;
+``--standalone`` draws a new one per launch, so pass ``--run-id`` to resume a run in a new launch).
 
 (Without ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, torchrun keeps one store across restarts and a
 restarted group can read the previous round's addresses: deft_kernels.elastic.check_restart_store.)
@@ -42,7 +46,9 @@ from deft_kernels.metrics import CsvSink, Metrics
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, shared by every node")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, shared by the nodes or each node's own")
+    p.add_argument("--run-id", default=os.environ.get("TORCHELASTIC_RUN_ID"),
+                   help="the run's identity in --ckpt (default: torchrun's --rdzv-id)")
     p.add_argument("--steps", type=int, default=200, help="iterations in all")
     p.add_argument("--every", type=int, default=10, help="checkpoint every this many iterations")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
@@ -54,7 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for the final parameters and the conservation check")
     p.add_argument("--metrics", help="folder for each rank's metrics CSV (appended across restarts)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.run_id is None:
+        p.error("--run-id is required outside torchrun")
+    return args
 
 
 def batch(seed: int, rank: int, step: int, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +142,8 @@ def main(argv=None) -> None:
     teacher = torch.randn(64, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     state = DeftState(group, sparsifier="deft", density=args.density, warmup_steps=args.warmup)
-    start, extra = load_checkpoint(args.ckpt, model=model, optimizer=optimizer, state=state, group=group)
+    start, extra = load_checkpoint(args.ckpt, run_id=args.run_id, model=model, optimizer=optimizer, state=state,
+                                   group=group)
     print(f"start rank={rank} attempt={attempt} resumed={start} addresses={','.join(addresses)}", flush=True)
 
     ddp = DDP(model, bucket_cap_mb=0.5, process_group=group)
@@ -164,8 +174,8 @@ def main(argv=None) -> None:
         optimizer.step()
         print(f"step rank={rank} step={step} loss={loss.item():.5f} t={time.time():.3f}", flush=True)
         if (step + 1) % args.every == 0:
-            save_checkpoint(args.ckpt, step + 1, model=model, optimizer=optimizer, state=state,
-                            extra=ledger.state_dict() if ledger else None, keep=args.keep)
+            save_checkpoint(args.ckpt, step + 1, run_id=args.run_id, model=model, optimizer=optimizer, state=state,
+                            extra=ledger.state_dict() if ledger else None, keep=args.keep, group=group)
 
     if args.out:
         report = ledger.check(n)

@@ -140,7 +140,7 @@ def train(model: torch.nn.Module, batch, name: str, density: float, steps: int) 
     elements sent, the averaged gradient next to the dense mean of the local ones, and the norm of
     the residual."""
     x, y = batch
-    sparsifier = deft_kernels.GradientSparsifier(model, sparsifier=name, density=density)
+    sparsifier = deft_kernels.GradientSparsifier(model, sparsifier=name, density=density, warmup_steps=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     out = []
     for _ in range(steps):

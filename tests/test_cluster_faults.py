@@ -36,6 +36,7 @@ from deft_kernels.elastic import RESTART_ENV
 
 PREFIX = "dko"
 WORKER = str(Path(__file__).resolve().parent.parent / "examples" / "elastic_ddp.py")
+RUN = "faults"  # the run identity of every run here (the reference resumes the same run in another folder)
 PG_TIMEOUT = 10  # seconds: the process group's timeout the workers run with
 KILL_BOUND = 2.0  # a killed peer: the survivor raises within this many seconds
 LINK_SLACK = 3.0  # a cut link: the ranks raise within PG_TIMEOUT + this
@@ -125,7 +126,7 @@ def cluster():
 
 
 def _args(ckpt: Path, out: Path) -> list[str]:
-    return ["--ckpt", str(ckpt), "--out", str(out), "--steps", str(STEPS), "--every", str(EVERY),
+    return ["--ckpt", str(ckpt), "--run-id", RUN, "--out", str(out), "--steps", str(STEPS), "--every", str(EVERY),
             "--timeout", str(PG_TIMEOUT), "--warmup", "3", "--width", "256", "--keep", "100"]  # the reference needs them
 
 
@@ -182,7 +183,8 @@ def _check_outcome(cluster, runs, tmp_path, resumed: int, port: int) -> dict:
         # the residual held real mass (a lost one would show), and nothing was lost: fp32 rounding only
         assert d["residual"] > 1e-3 * d["mass"] and d["error"] <= 1e-5 * d["mass"], d
     ref_ckpt = tmp_path / "ref_ckpt"
-    shutil.copytree(tmp_path / "ckpt" / f"step_{resumed:08d}", ref_ckpt / f"step_{resumed:08d}")
+    saved = Path(RUN) / "world2" / f"step_{resumed:08d}"  # the reference is the same run, resumed elsewhere
+    shutil.copytree(tmp_path / "ckpt" / saved, ref_ckpt / saved)
     ref = {n: Torchrun(cluster, n, _args(ref_ckpt, tmp_path / "ref_out"), port + 1, "ref") for n in (0, 1)}
     _finish(ref)
     assert [r["resumed"] for run in ref.values() for r in run.records("start")] == [str(resumed)] * 2

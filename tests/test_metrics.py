@@ -23,8 +23,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState
-from deft_kernels.metrics import CsvSink, JsonlSink, Metrics, StepMetrics, TensorBoardSink
+from deft_kernels.metrics import CsvSink, JsonlSink, Metrics, StepMetrics, TensorBoardSink, _imbalance, _rank_loads
 from deft_kernels.planning import budget
+
+from multiproc import gloo_rank, run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS, WARMUP, DENSITY = 8, 3, 0.05
@@ -153,6 +155,74 @@ def test_tensorboard_sink_writes_readable_scalars(world_of_one, tmp_path):
     assert [e.step for e in ratio] == list(range(WARMUP, STEPS))  # NaN (warm-up) is left out
     assert ratio[-1].value == pytest.approx(seen[-1].residual_ratio, rel=1e-6)
     assert [e.value for e in events.Scalars("deft/sparse")] == [0.0] * WARMUP + [1.0] * (STEPS - WARMUP)
+
+
+def test_bin_imbalance_rotates_each_bucket_by_its_own_turn():
+    """Hand-computed: 3 ranks, 3 buckets whose steps ran at turns 4, 5, 6 (step_count 5, rotation =
+    bucket index); in a bucket at turn t rank r selects in bin (t + r) % 3."""
+    costs = [[6.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.0, 3.0]]
+    # bucket 0, turn 4: ranks 0, 1, 2 in bins 1, 2, 0 -> 0, 0, 6
+    # bucket 1, turn 5: bins 2, 0, 1 -> 3, 1, 2
+    # bucket 2, turn 6: bins 0, 1, 2 -> 0, 0, 3
+    loads = _rank_loads([(costs[0], 4), (costs[1], 5), (costs[2], 6)], 3)
+    assert loads == [3.0, 1.0, 11.0] and _imbalance(loads) == pytest.approx(11 / 5)
+    # every bucket at turn 4 (the rotation left out) would give 2, 6, 7: 1.4
+    assert _rank_loads([(c, 4) for c in costs], 3) == [2.0, 6.0, 7.0]
+
+
+IMBALANCE_WARMUP, IMBALANCE_STEPS = 2, 6
+
+
+@gloo_rank
+def _imbalance_worker(rank, world_size, tmp):
+    """DEFT on several DDP buckets; per sparse step, what Metrics reported and what each bucket's plan
+    and this rank's selection were."""
+    state = DeftState(sparsifier="deft", density=DENSITY, warmup_steps=IMBALANCE_WARMUP)
+    seen = []
+
+    def sink(m):
+        if m.phase == "sparse":
+            plans = state.last_plans
+            seen.append({"step": m.step, "total": m.bin_imbalance, "buckets": {
+                b.bucket: {"costs": plans[b.bucket].bin_costs(), "selected": state.last_stats[b.bucket].selected,
+                           "k": [int(plans[b.bucket].k[f].sum()) for f in plans[b.bucket].bins]}
+                for b in m.buckets}})
+
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.001)  # 3 buckets once rebuilt
+    ddp.register_comm_hook(state, Metrics(state, sinks=[sink]).hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1 + rank)
+    for _ in range(IMBALANCE_STEPS):
+        x, y = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    return seen
+
+
+@pytest.mark.slow
+def test_bin_imbalance_on_two_ranks_follows_each_buckets_rotation(tmp_path):
+    """2 gloo ranks, 3 buckets: each rank selected in the bin (turn + rank) % n of every bucket (its
+    selection count is that bin's k), and the step's imbalance is that of the loads summed so."""
+    n = 2
+    by_rank = run(_imbalance_worker, n, tmp_path, timeout=240)
+    differs = False
+    for rank, seen in enumerate(by_rank):
+        assert len(seen) == IMBALANCE_STEPS - IMBALANCE_WARMUP
+        for record in seen:
+            assert len(record["buckets"]) >= 3, record
+            loads, ignoring_rotation = [0.0] * n, [0.0] * n
+            for index, b in record["buckets"].items():
+                turn = record["step"] - IMBALANCE_WARMUP + index  # sparse steps so far + rotation
+                assert b["selected"] == b["k"][(turn + rank) % n], (record["step"], index, b)
+                for r in range(n):
+                    loads[r] += b["costs"][(turn + r) % n]
+                    ignoring_rotation[r] += b["costs"][(turn - index + r) % n]
+            expected = max(loads) / (sum(loads) / n)
+            assert record["total"] == pytest.approx(expected, rel=1e-9)
+            differs |= abs(expected - max(ignoring_rotation) / (sum(ignoring_rotation) / n)) > 1e-3
+    assert differs  # the case tells the rotation apart
 
 
 def test_bad_arguments_name_the_argument(tmp_path):

@@ -51,7 +51,7 @@ def test_grad_scaler_residual_is_unscaled_and_untouched_on_a_skipped_step():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     params = list(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1)
-    gs = GradientSparsifier(model, sparsifier="topk", density=0.2, grad_scaler=scaler)
+    gs = GradientSparsifier(model, sparsifier="topk", density=0.2, warmup_steps=0, grad_scaler=scaler)
     opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the parameters, hence the gradients, stay put
     given = [torch.zeros_like(p) for p in params]
     applied = [torch.zeros_like(p) for p in params]

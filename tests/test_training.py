@@ -1,11 +1,15 @@
 """The plain API (GradientSparsifier) in one process: world size 1, torch.distributed not initialised.
 The multi-process checks (equal to the DDP hook, checkpoints across ranks) are in test_hook.py."""
 
+import inspect
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from deft_kernels import GradientSparsifier
+from deft_kernels import DeftState, GradientSparsifier
 from deft_kernels.sparsifiers import SPARSIFIERS
 
 # Extra arguments a sparsifier needs to be built (the threshold baseline has no default lambda).
@@ -33,7 +37,7 @@ def test_step_conserves_gradient_mass(name):
     """For every sparsifier: output + new residual == gradient + old residual (error feedback loses
     nothing), the output is sparse where the algorithm is, and the residual persists across steps."""
     model = _model()
-    gs = GradientSparsifier(model, sparsifier=name, density=0.1, **KWARGS.get(name, {}))
+    gs = GradientSparsifier(model, sparsifier=name, density=0.1, warmup_steps=0, **KWARGS.get(name, {}))
     old_residual = torch.zeros(sum(p.numel() for p in model.parameters()))
     for step in range(3):
         _backward(model, step)
@@ -52,11 +56,23 @@ def test_step_conserves_gradient_mass(name):
     assert gs.step_count == 3 and gs.compression_stats()["steps"] == 3
 
 
+def test_one_warmup_default():
+    """The DDP hook and the plain API warm up alike unless told otherwise; their docstrings and the
+    README say the same value."""
+    defaults = {cls: inspect.signature(cls).parameters["warmup_steps"].default for cls in (DeftState, GradientSparsifier)}
+    assert defaults[GradientSparsifier] == defaults[DeftState] == 10
+    assert GradientSparsifier(_model()).warmup_steps == DeftState().warmup_steps
+    assert "(default 10," in " ".join(GradientSparsifier.__doc__.split())
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert re.search(r"DeftState\(process_group=None, [^)]*warmup_steps=10\b", readme)
+    assert "Both warm up with 10 dense steps by default" in readme
+
+
 def test_topk_sends_the_largest_magnitudes():
     model = _model()
     _backward(model, 0)
     grad = _flat_grads(model).clone()
-    gs = GradientSparsifier(model, sparsifier="topk", density=0.05)
+    gs = GradientSparsifier(model, sparsifier="topk", density=0.05, warmup_steps=0)
     gs.step()
     k = int(0.05 * grad.numel())
     expected = torch.zeros_like(grad)
@@ -81,7 +97,7 @@ def test_warmup_steps_leave_gradients_dense():
 def test_none_grad_counts_as_zero():
     model = _model()
     extra = nn.Parameter(torch.randn(7))  # never used: its grad stays None
-    gs = GradientSparsifier(list(model.parameters()) + [extra], sparsifier="topk", density=0.1)
+    gs = GradientSparsifier(list(model.parameters()) + [extra], sparsifier="topk", density=0.1, warmup_steps=0)
     _backward(model, 0)
     assert extra.grad is None
     grad = torch.cat([_flat_grads(model), torch.zeros(7)])
@@ -95,7 +111,8 @@ def test_parameters_grouped_by_dtype():
     model = _model()
     half = nn.Parameter(torch.randn(30, dtype=torch.bfloat16))
     frozen = nn.Parameter(torch.randn(4), requires_grad=False)
-    gs = GradientSparsifier(list(model.parameters()) + [half, frozen], sparsifier="topk", density=0.1)
+    gs = GradientSparsifier(list(model.parameters()) + [half, frozen], sparsifier="topk", density=0.1,
+                            warmup_steps=0)
     assert len(gs.sparsifiers) == 2
     _backward(model, 0)
     half.grad = torch.randn(30, dtype=torch.bfloat16)

@@ -26,8 +26,9 @@ through a ``torch.utils.tensorboard.SummaryWriter``; in Lightning, ``self.log_di
 - ``grad_norm`` (this rank's local gradient, before the exchange), ``residual_norm`` (the
   error-feedback residual after it) and ``residual_ratio`` = residual_norm / grad_norm.
 - ``bin_imbalance`` (DEFT only, else NaN): the largest worker's selection load over the mean one,
-  in the plan's cost model (1.0: perfectly balanced; :mod:`deft_kernels.planning`); per step, the
-  loads summed over the buckets.
+  in the plan's cost model (1.0: perfectly balanced; :mod:`deft_kernels.planning`); per step, each
+  worker's loads summed over the buckets, each bucket's bins rotated by its own turn (bucket ``i``
+  is ``i`` steps ahead: a worker selects in a different bin in each bucket).
 - ``phase``: ``"warmup"`` (dense all-reduce: iterations before ``state.warmup_steps``) or ``"sparse"``.
 
 **Health bands.** :class:`Metrics` warns once (a ``RuntimeWarning``, then never again for that figure)
@@ -67,7 +68,7 @@ from ._integration import check_int, world
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .hook import DeftState, deft_hook
-from .planning import DeftPlan
+from .planning import DeftPlan, bin_of
 
 __all__ = ["Metrics", "StepMetrics", "BucketMetrics", "CsvSink", "JsonlSink", "TensorBoardSink"]
 
@@ -182,6 +183,18 @@ def _imbalance(loads: list[float]) -> float:
     return max(loads) / mean if mean > 0 else math.nan
 
 
+def _rank_loads(buckets: Iterable[tuple[list[float], int]], n: int) -> list[float]:
+    """Each rank's selection load in one iteration, summed over the buckets: ``buckets`` holds each
+    bucket's bin costs and its step's turn (``step_count + rotation`` when the step ran: bucket ``i``
+    has ``rotation = i``), and in a bucket whose turn is ``t`` rank ``r`` selects in bin
+    ``(t + r) % n`` (:func:`deft_kernels.planning.bin_of`)."""
+    loads = [0.0] * n
+    for costs, turn in buckets:
+        for r in range(n):
+            loads[r] += costs[bin_of(r, turn, n)]
+    return loads
+
+
 class Metrics:
     """Records the hook's figures (module docstring) and hands them to ``sinks``.
 
@@ -260,7 +273,7 @@ class Metrics:
         rank, n = world(state.process_group)
         sparse = self._step >= state.warmup_steps and bool(state.last_stats)
         grad_sq = sum(float(g) ** 2 for _, g in grads.values())
-        buckets, loads, residual_sq = [], [0.0] * n, 0.0
+        buckets, bins, residual_sq = [], [], 0.0
         if sparse:
             sparsifiers = state.sparsifiers
             for index in sorted(state.last_stats):
@@ -274,9 +287,8 @@ class Metrics:
                 plan, imbalance = state.last_plans.get(index), math.nan
                 if isinstance(plan, DeftPlan):
                     costs = plan.bin_costs()
-                    step = sp.step_count - 1
-                    for r_ in range(n):
-                        loads[r_] += costs[plan.bin_of(r_, step)]
+                    # the turn of the step just run (the driver's step_count + rotation, before it advanced)
+                    bins.append((costs, sp.step_count - 1 + sp.rotation))
                     imbalance = _imbalance(costs)
                 buckets.append(BucketMetrics(index, st.numel, st.bytes_sent, st.bytes_received, st.density, st.t_select,
                                              st.t_comm, g, r, _ratio(r, g), imbalance))
@@ -296,7 +308,7 @@ class Metrics:
             density_sent=sent / numel if numel else math.nan,
             t_select=sum(b.t_select for b in buckets), t_comm=sum(b.t_comm for b in buckets), exposed=exposed,
             grad_norm=grad_norm, residual_norm=residual_norm, residual_ratio=_ratio(residual_norm, grad_norm),
-            bin_imbalance=_imbalance(loads) if sparse and any(not _nan(b.bin_imbalance) for b in buckets) else math.nan,
+            bin_imbalance=_imbalance(_rank_loads(bins, n)) if bins else math.nan,
             buckets=buckets)
         if sparse:
             self._check_bands(record)

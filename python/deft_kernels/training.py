@@ -82,7 +82,10 @@ class GradientSparsifier:
         density: fraction of the elements sent per step, in (0, 1].
         group: process group; ``None``: the default group (or no communication when
             torch.distributed is not initialised).
-        warmup_steps: steps of dense averaged all-reduce before sparsification starts (default 0).
+        warmup_steps: steps of dense averaged all-reduce before sparsification starts (default 10,
+            as ``DeftState``'s: the same training whichever of the two runs it). 0 is allowed here
+            (``DeftState`` needs at least 1: DDP rebuilds its buckets after its first iteration; this
+            class has no buckets to rebuild).
         grad_scaler: the loop's ``torch.amp.GradScaler``, if any: call ``step()`` right after
             ``scaler.scale(loss).backward()``; the residuals then hold unscaled gradients and a step
             the scaler skips (a gradient that is not finite) leaves them as they were (see
@@ -102,7 +105,7 @@ class GradientSparsifier:
 
     def __init__(self, model_or_params: Union[torch.nn.Module, Iterable[torch.Tensor]],
                  sparsifier: SparsifierSpec = "deft", density: float = 0.01,
-                 group: dist.ProcessGroup | None = None, warmup_steps: int = 0, *,
+                 group: dist.ProcessGroup | None = None, warmup_steps: int = 10, *,
                  grad_scaler: torch.amp.GradScaler | None = None, **sparsifier_kwargs: Any) -> None:
         params = _trainable_parameters(model_or_params)
         self.grad_scaler = check_grad_scaler(grad_scaler)
