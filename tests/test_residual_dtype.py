@@ -144,3 +144,17 @@ def test_an_inf_that_is_not_sent_still_skips_the_step_on_every_rank():
     assert all(r.skipped for r in results)
     assert all(torch.equal(sp.residual, b) for sp, b in zip(sps, before))
     assert all(not bool(torch.isfinite(r.out).all()) for r in results)
+
+
+@pytest.mark.parametrize("plan", ["ahead", "leader"])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_fp32_residual_of_16_bit_gradients_is_updated_in_place(grad_dtype, plan):
+    """4 bytes per element kept between steps, not 8: a 16-bit gradient is added into the fp32
+    residual in place (before, through an fp32 work buffer as large as the residual); only a loss
+    scale needs that buffer."""
+    sp = build("deft", 0.1, plan=plan)
+    for _ in range(3):
+        driver.step(sp, torch.randn(1000).to(grad_dtype))
+    assert sp.residual.dtype == torch.float32 and sp.spare is None
+    driver.run_step(sp, torch.randn(1000).to(grad_dtype), loss_scale=2.0)
+    assert sp.spare is not None and sp.spare.dtype == torch.float32

@@ -119,7 +119,9 @@ class DeftState:
             returning a ``Sparsifier`` (a ``Sparsifier`` subclass is one).
         density: fraction of each bucket's elements sent per step, in (0, 1].
         warmup_steps: dense (averaged all-reduce) iterations before sparsification starts, >= 1
-            (see the module docstring for why).
+            (default 10, as ``GradientSparsifier``'s: the same training whichever of the two runs it;
+            at least 1 because DDP rebuilds its buckets after its first iteration, see the module
+            docstring).
         grad_scaler: the ``torch.amp.GradScaler`` of the training loop, if any (fp16 AMP): the
             residuals then hold unscaled gradients (the hook divides each bucket by the scaler's
             current scale before accumulating and scales its output back), and in an iteration whose

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..sparsifiers.base import Layout, Sparsifier, StepStats
+from ..sparsifiers.base import HALF_DTYPES, Layout, Sparsifier, StepStats
 from ..transfer import Later, to_device, to_host, to_host_later
 from .collectives import AllGather, AllReduce, Broadcast, GatherProposals, Program, union
 
@@ -804,12 +804,15 @@ def _failed_wire(length: int, status: int, dtype: torch.dtype, device: torch.dev
 
 
 def _accumulate(sp: Sparsifier, grad: torch.Tensor, loss_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a = g + r`` and its fragment norms. In place in the residual when it has the gradient's
-    dtype and there is no loss scale; else in the sparsifier's spare buffer (``g / loss_scale + r``
-    in the residual's dtype), which becomes the residual when the step commits, the old residual
-    becoming the spare: the residual stays as it was until then (a skipped step)."""
+    """``a = g + r`` and its fragment norms. In place in the residual wherever the kernel can add the
+    gradient into it (the same dtype, or a 16-bit gradient into an fp32 residual, the default for
+    bf16 and fp16 gradients): no other buffer. With a loss scale (or a pair the kernel does not
+    take, a 16-bit residual for fp32 gradients), in the sparsifier's spare buffer (``g / loss_scale
+    + r`` in the residual's dtype), which becomes the residual when the step commits, the old
+    residual becoming the spare: the residual stays as it was until then (a skipped step)."""
     residual = sp.residual
-    if loss_scale is None and residual.dtype == grad.dtype:
+    if loss_scale is None and (residual.dtype == grad.dtype or
+                               (grad.dtype in HALF_DTYPES and residual.dtype == torch.float32)):
         return residual, sp.kernels.accumulate_norms(grad, residual, sp.offsets)
     work = sp.spare
     if work is None:

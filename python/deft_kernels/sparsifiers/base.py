@@ -104,8 +104,10 @@ class Sparsifier:
     ``residual_dtype``: the dtype of the error-feedback residual. ``None`` (default): float32 for
     float16 and bfloat16 gradients, the gradient's dtype otherwise. A 16-bit residual rounds
     ``g + r`` to 8 (bf16) or 11 (fp16) mantissa bits, so small gradients vanish into a residual that
-    has grown large; the fp32 residual costs 4 bytes per element plus a 4-byte work buffer (the step
-    accumulates there and keeps the old residual until it commits), against 2 bytes in place.
+    has grown large; the fp32 residual costs 4 bytes per element, against 2 for a 16-bit one, both
+    updated in place (the kernel adds a 16-bit gradient into an fp32 residual). A loss scale adds a
+    work buffer of the residual's size: the step accumulates there and keeps the old residual until
+    the iteration commits (docs/exchange.md, the memory table).
 
     ``rotation`` (an int, default 0, the same on every rank) shifts who leads and which bin each
     rank selects in: the step's turn is ``step_count + rotation`` (the DDP hook gives each bucket its
