@@ -1,9 +1,10 @@
-"""Per-iteration host time of the DDP hook and the bytes it puts on the wire, on the tensor layouts
-of ResNet-50 (161 tensors) and GPT-2 XL (580 tensors), sizes scaled down so that the kernels' work
-is small and what remains is the hook's own per-step work (issue 18):
+"""Per-iteration host time of the DDP hook, the bytes it puts on the wire, its collectives and its
+host reads, on the tensor layouts of ResNet-50 (161 tensors) and GPT-2 XL (580 tensors), sizes
+scaled down so that the kernels' work is small and what remains is the hook's own per-step work
+(issues 18 and 22), for each of DEFT's plan protocols:
 
-    python bench/hook_host_time.py                          # this tree
-    PYTHONPATH=/tmp/hook-before/python python bench/hook_host_time.py --label before
+    python bench/hook_host_time.py                          # this tree, plan="ahead" and "leader"
+    PYTHONPATH=/tmp/hook-before/python python bench/hook_host_time.py --plans default --label before
                                                             # the same script on another checkout
 
 One process, a gloo group of one (every collective is issued and completes at once). The layout's
@@ -15,7 +16,10 @@ backward to the end of the last bucket's hook call (which waits for every step).
 type takes the place of ``torch.distributed.GradBucket``, which Python cannot construct.
 
 Wire bytes: what this rank hands to the collectives per iteration (input tensors; the index
-all-gather at its padded length), counted by wrapping ``TorchCollectives.start``.
+all-gather at its padded length), counted by wrapping ``TorchCollectives.start``, which also counts
+the collectives. Host reads: ``deft_kernels.transfer.HOST_READS`` (a read that waits for the device
+on a GPU) and ``LATER_READS`` (a read, one step later, of a copy long done) over the iteration.
+``--plans default`` passes no ``plan=`` (a checkout from before the option).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 import deft_kernels
-from deft_kernels import DeftState, deft_hook
+from deft_kernels import DeftState, deft_hook, transfer
 from deft_kernels.benchmarks.layouts import gpt2_xl_layout, resnet50_layout
 from deft_kernels.driver import collectives
 
@@ -78,17 +82,20 @@ def buckets_of(sizes: list[int], scale: int) -> list[list[int]]:
     return out + [current]
 
 
-def measure(name: str, iters: int, density: float) -> dict:
+def measure(name: str, iters: int, density: float, plan: str) -> dict:
     make, scale = LAYOUTS[name]
     real = [numel for _, numel in make()]
     params = [torch.zeros(max(1, n // scale), requires_grad=True) for n in real]
     groups = buckets_of(real, scale)
     buckets = [Bucket(b, [params[i] for i in ids], b == len(groups) - 1) for b, ids in enumerate(groups)]
-    state = DeftState(sparsifier="deft", density=density, warmup_steps=1)
-    wire = [0]
+    # DDP's defaults (every parameter used): the stand-in buckets belong to no DDP model to read them from
+    state = DeftState(sparsifier="deft", density=density, warmup_steps=1, find_unused_parameters=False,
+                      **({} if plan == "default" else {"plan": plan}))
+    wire, issued = [0], [0]
     start = collectives.TorchCollectives.start
 
     def counting(self, request):
+        issued[0] += 1
         if hasattr(request, "counts"):  # the index all-gather, padded to the longest proposal
             wire[0] += max(request.counts) * request.mine.element_size()
         else:
@@ -98,12 +105,14 @@ def measure(name: str, iters: int, density: float) -> dict:
     collectives.TorchCollectives.start = counting
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(b.buffer().numel(), generator=gen) for b in buckets]
-    times, bytes_per_iter = [], []
+    later = getattr(transfer, "LATER_READS", None)  # absent before the plan one step ahead
+    times, bytes_per_iter, counts = [], [], []
     try:
         for t in range(iters + 3):  # the warm-up iteration and two sparse ones untimed
             for b, g in zip(buckets, grads):
                 b.buffer().copy_(g)
-            wire[0] = 0
+            wire[0] = issued[0] = 0
+            reads, late = transfer.HOST_READS.count, later.count if later is not None else 0
             begin = time.perf_counter()
             sum(p.sum() for p in params).backward()
             for b in buckets:
@@ -112,18 +121,25 @@ def measure(name: str, iters: int, density: float) -> dict:
             if t >= 3:
                 times.append(seconds)
                 bytes_per_iter.append(wire[0])
+                counts.append((issued[0], transfer.HOST_READS.count - reads,
+                               (later.count - late) if later is not None else 0))
     finally:
         collectives.TorchCollectives.start = start
-    return {"layout": name, "tensors": len(real), "buckets": len(buckets), "scale": scale,
+    collectives_per_iter, reads_per_iter, later_per_iter = (statistics.median(c[i] for c in counts) for i in range(3))
+    return {"layout": name, "plan": plan, "tensors": len(real), "buckets": len(buckets), "scale": scale,
             "numel": sum(p.numel() for p in params), "density": density, "iters": iters,
             "host_ms_median": 1e3 * statistics.median(times), "host_ms_min": 1e3 * min(times),
-            "wire_bytes_per_iter": statistics.median(bytes_per_iter)}
+            "wire_bytes_per_iter": statistics.median(bytes_per_iter),
+            "collectives_per_iter": collectives_per_iter, "host_reads_per_iter": reads_per_iter,
+            "later_reads_per_iter": later_per_iter}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--plans", nargs="+", default=["ahead", "leader"], choices=["ahead", "leader", "default"],
+                   help="DEFT's plan protocols to measure (default: both); 'default' passes no plan=")
     p.add_argument("--label", default="after", help="names the output file: hook_host_time_<label>")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -133,17 +149,21 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1,
                                 timeout=timedelta(seconds=60))
         try:
-            rows = [measure(name, args.iters, args.density) for name in LAYOUTS]
+            rows = [measure(name, args.iters, args.density, plan) for name in LAYOUTS for plan in args.plans]
         finally:
             dist.destroy_process_group()
     command = "python bench/hook_host_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# {command.strip()}", f"# deft_kernels from {Path(deft_kernels.__file__).parent}, torch "
              f"{torch.__version__}, 1 thread, gloo world of 1, DEFT d={args.density}, {args.iters} iterations",
-             f"{'layout':<9} {'tensors':>7} {'buckets':>7} {'elements':>9} {'host ms (median)':>17} "
-             f"{'host ms (min)':>14} {'wire bytes/iter':>16}"]
+             f"{'layout':<9} {'plan':<8} {'tensors':>7} {'buckets':>7} {'elements':>9} {'host ms (median)':>17} "
+             f"{'host ms (min)':>14} {'wire bytes/iter':>16} {'collectives/bucket':>19} "
+             f"{'host reads/bucket':>18} {'host reads/iter':>16} {'later reads/iter':>17}"]
     for r in rows:
-        lines.append(f"{r['layout']:<9} {r['tensors']:>7} {r['buckets']:>7} {r['numel']:>9} "
-                     f"{r['host_ms_median']:>17.2f} {r['host_ms_min']:>14.2f} {r['wire_bytes_per_iter']:>16,.0f}")
+        nb = r["buckets"]
+        lines.append(f"{r['layout']:<9} {r['plan']:<8} {r['tensors']:>7} {nb:>7} {r['numel']:>9} "
+                     f"{r['host_ms_median']:>17.2f} {r['host_ms_min']:>14.2f} {r['wire_bytes_per_iter']:>16,.0f} "
+                     f"{r['collectives_per_iter'] / nb:>19.2f} {r['host_reads_per_iter'] / nb:>18.2f} "
+                     f"{r['host_reads_per_iter']:>16.0f} {r['later_reads_per_iter']:>17.0f}")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out = Path(args.out_dir) / f"hook_host_time_{args.label}"
