@@ -140,8 +140,12 @@ def hook_step(sp, grad: torch.Tensor, sizes: list[int], world_size: int, loss_sc
     program = driver.step_program(sp, grad, sizes=sizes, rank=rank, world_size=world_size, out=grad,
                                   loss_scale=loss_scale)
     if world_size > 1:
-        return driver.run_blocking(program, driver.TorchCollectives(None))
-    return driver.run_lockstep([program])[0]
+        result = driver.run_blocking(program, driver.TorchCollectives(None))
+    else:
+        result = driver.run_lockstep([program])[0]
+    if loss_scale is not None:  # the hook commits a loss-scaled iteration at its end
+        driver.commit([(sp, result)])
+    return result
 
 
 def measure(name: str, dtype: torch.dtype, sizes: list[int], args, rank: int = 0) -> dict:
