@@ -5,9 +5,12 @@ running compression statistics. Both run their steps with :mod:`deft_kernels.dri
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import numbers
+import warnings
 from dataclasses import asdict
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.distributed as dist
@@ -19,13 +22,79 @@ from .sparsifiers.base import Sparsifier, StepStats
 SparsifierSpec = Union[str, Callable[..., Sparsifier]]
 
 
-def check_density(density: Any) -> float:
-    """``density`` as a float in (0, 1], or a ``ValueError``/``TypeError`` naming the argument."""
+def check_density(density: Any, sparsifier: SparsifierSpec | None = None, *, stacklevel: int = 3) -> float:
+    """``density`` as a float in (0, 1], or a ``ValueError``/``TypeError`` naming the argument.
+
+    ``density=1`` with a sparsifier other than ``"dense"`` is allowed but warns (once per call site,
+    Python's default for a ``UserWarning``): it sends every element at every step, as ``"dense"``
+    does, with the selection work on top; a user who meant 1% wrote 1 for 0.01. ``stacklevel`` 3
+    points the warning at the line that called the caller (``DeftState(...)``)."""
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float in (0, 1], got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    if float(density) == 1.0 and sparsifier != "dense":
+        warnings.warn("density=1 sends every element at every step, as sparsifier='dense' does (with the selection "
+                      "work on top); density is a fraction: for 1% pass density=0.01", UserWarning,
+                      stacklevel=stacklevel)
     return float(density)
+
+
+def _keywords(func: Callable[..., Any]) -> tuple[list[str], bool]:
+    """The names ``func`` takes as keywords, in order, and whether it takes any other (``**kwargs``,
+    or no signature to read)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    return ([p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)],
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
+def _closest(word: str, names: list[str]) -> str | None:
+    """The name ``word`` was most likely meant to be: the same but for case, a name that holds it
+    or that it holds (4 letters or more: ``warmup`` in ``warmup_steps``), else the nearest by
+    ``difflib`` (ratio 0.6 or more); ``None`` when none is near."""
+    low = word.lower()
+    folded = {n.lower(): n for n in names}
+    if low in folded:
+        return folded[low]
+    holding = [n for n in names if min(len(low), len(n)) >= 4 and (low in n.lower() or n.lower() in low)]
+    if holding:
+        return max(holding, key=lambda n: difflib.SequenceMatcher(None, low, n.lower()).ratio())
+    near = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def check_options(spec: SparsifierSpec, kwargs: Mapping[str, Any], caller: Callable[..., Any]) -> None:
+    """Refuse, with a ``TypeError``, a keyword in ``kwargs`` (the ``**sparsifier_kwargs`` of
+    ``caller``, e.g. ``DeftState``) that the sparsifier ``spec`` does not take, naming the argument of
+    ``caller`` or the option of the sparsifier it resembles: ``DeftState(warmup=5)`` points to
+    ``warmup_steps=``. ``caller``'s own arguments are read from its signature. A factory whose
+    signature takes ``**kwargs`` (or has none to read) is left to refuse for itself."""
+    from . import sparsifiers
+
+    if isinstance(spec, str):
+        what, (options, any_other) = f"sparsifier {spec!r}", _keywords(sparsifiers.SPARSIFIERS[spec])
+    else:
+        what = f"sparsifier factory {getattr(spec, '__name__', type(spec).__name__)!r}"
+        options, any_other = _keywords(spec)
+    if any_other:
+        return
+    options = [o for o in options if o != "density"]
+    mine = [a for a in _keywords(caller)[0] if a != "self"]
+    name = getattr(caller, "__name__", "the caller")
+    for key in kwargs:
+        if key in options:
+            continue
+        hint = _closest(key, mine + options)
+        others = [n for n, cls in sorted(sparsifiers.SPARSIFIERS.items()) if key in _keywords(cls)[0]]
+        advice = (f"; did you mean {name}'s {hint}=?" if hint in mine else
+                  f"; did you mean {hint}=?" if hint else
+                  f"; {key}= is an option of sparsifier {', '.join(map(repr, others))}" if others else "")
+        raise TypeError(f"{what} takes no keyword argument {key!r}{advice} (its options: "
+                        f"{', '.join(o + '=' for o in options) or 'none'}; {name} takes "
+                        f"{', '.join(a + '=' for a in mine)})")
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
