@@ -269,6 +269,50 @@ def test_cli_default_mode_is_worker_count(capsys):
     assert "--workers" in capsys.readouterr().out
 
 
+def _help(argv, capsys) -> str:
+    from deft_kernels.benchmarks import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_mode_with_a_line(capsys):
+    from deft_kernels.benchmarks import cli
+
+    out = _help(["--help"], capsys)
+    assert out.startswith("usage: deft-bench [MODE] [options]")
+    assert set(cli.MODES) == {"worker-count", "project", "cluster"}
+    for name, mode in cli.MODES.items():
+        assert f"\n  {name:<12}  {mode.summary}\n" in out
+    assert "--workers" in _help(["worker-count", "--help"], capsys)  # the default mode by its name
+    assert "--preset" in _help(["project", "--help"], capsys)
+
+
+def test_cluster_help_lists_every_action_with_a_line(capsys):
+    from deft_kernels.benchmarks import cluster
+
+    out = _help(["cluster", "--help"], capsys)
+    for name in ("run", "torchrun", "check-shaping", "check", "cleanup"):
+        assert f"\n  {name:<13}  {cluster.SUBCOMMANDS[name]}\n" in out
+    assert cluster.SUBCOMMANDS["check"] in _help(["cluster", "check", "--help"], capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bogus"], "deft-bench: error: unknown mode 'bogus': choose from worker-count, project, cluster"),
+    (["projet", "--model", "ncf"], "unknown mode 'projet' (did you mean 'project'?): choose from"),
+    (["cluster", "bogus"], "deft-bench cluster: error: unknown action 'bogus': choose from run, torchrun, "
+                           "check-shaping, check, cleanup"),
+])
+def test_unknown_mode_or_action_names_the_valid_ones(argv, message, capsys):
+    from deft_kernels.benchmarks import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 def _bench_script(name: str, *args: str):
     import subprocess
     from pathlib import Path

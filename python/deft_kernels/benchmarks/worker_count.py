@@ -65,6 +65,7 @@ import torch
 
 from .. import __version__, driver, planning, sparsifiers
 from . import models
+from .cli import modes_help
 
 __all__ = ["main", "build_parser", "parse_args", "run", "Workload", "make_workload", "simulate", "benchable",
            "calibrated_threshold", "sparsifier_options", "summarize", "format_table", "plot", "output_stem",
@@ -128,9 +129,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, the description's lines (the list of modes) kept."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deft-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="deft-bench", usage="%(prog)s [MODE] [options]", formatter_class=_HelpFormatter,
+                                description=f"{__doc__.split(chr(10) * 2)[0]}\n\n{modes_help()}\n\n"
+                                            "The default mode's options:")
     p.add_argument("--model", default="resnet50",
                    help=f"built-in model ({', '.join(models.names())}) or 'module:factory' (see deft_kernels.benchmarks.models)")
     p.add_argument("--workers", type=_positive_int, nargs="+", default=list(DEFAULT_WORKERS),
