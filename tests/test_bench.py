@@ -313,6 +313,66 @@ def test_unknown_mode_or_action_names_the_valid_ones(argv, message, capsys):
     assert message in err and err.count("\n") == 1, err
 
 
+def test_default_out_is_a_folder_of_the_current_directory_that_git_ignores(tmp_path, monkeypatch, capsys):
+    """A run without --out writes into ./deft-bench-results, never into the repository's committed
+    bench/results (issue 27: the quickstart in a clone left 5 modified files)."""
+    import subprocess
+    from pathlib import Path
+
+    from deft_kernels.benchmarks import DEFAULT_OUT, project
+
+    assert DEFAULT_OUT == "deft-bench-results"
+    assert bench.build_parser().get_default("out") == project.build_parser().get_default("out") == DEFAULT_OUT
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--model", "ncf", "--workers", "1", "--sparsifiers", "topk", "--repeats", "1", "--warmup", "0",
+                       "--distinct-gradients", "1", "--train-steps", "0", "--no-progress", "--no-plot"]) == 0
+    assert sorted(p.name for p in (tmp_path / DEFAULT_OUT).iterdir()) == ["worker_count_ncf_cpu.json",
+                                                                        "worker_count_ncf_cpu.txt"]
+    assert f"wrote {DEFAULT_OUT}/worker_count_ncf_cpu.txt" in capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: .gitignore cannot be asked")
+    paths = [f"{DEFAULT_OUT}/worker_count_ncf_cpu.json", f"bench/{DEFAULT_OUT}/x.json"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=root, capture_output=True, text=True, timeout=30)
+    assert ignored.stdout.split() == paths, ".gitignore must list the default output folder at any depth"
+
+
+def _code_strings(tree) -> list:
+    """The string constants of a module's code: not docstrings, not help= texts."""
+    import ast
+
+    prose = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            prose.add(id(body[0].value))
+        if isinstance(node, ast.Call):
+            prose.update(id(k.value) for k in node.keywords if k.arg == "help")
+    skip = {id(m) for node in ast.walk(tree) if id(node) in prose for m in ast.walk(node)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+
+
+def test_bench_scripts_write_into_the_default_out_unless_told():
+    """Every bench/ script's output option defaults to a path under DEFAULT_OUT, and no other code
+    string names bench/results: the committed files change only under an explicit --out."""
+    import ast
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py"))
+    options = 0
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"):
+            if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in ("--out", "--out-dir", "--json"):
+                default = next((k.value for k in call.keywords if k.arg == "default"), None)
+                options += 1
+                assert default is None or (isinstance(default, ast.Constant) and default.value is None) or \
+                    "DEFAULT_OUT" in ast.unparse(default), f"{script.name}:{call.lineno} {ast.unparse(call)}"
+        named = [n.lineno for n in _code_strings(tree) if "bench/results" in n.value]
+        assert not named, f"{script.name} names bench/results in code at lines {named}"
+    assert options >= 15  # every script that writes has one (a script renamed or gone would show here)
+
+
 def _bench_script(name: str, *args: str):
     import subprocess
     from pathlib import Path

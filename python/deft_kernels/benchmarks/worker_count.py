@@ -2,7 +2,7 @@
 baseline, on this machine and a real model's gradients (the DEFT paper's headline measurement).
 
     deft-bench [--model resnet50] [--workers 1 2 4 8 16 32] [--sparsifiers all] [--density 0.01]
-               [--repeats 3] [--device cpu] [--out bench/results] [--seed 0] [--threads 1]
+               [--repeats 3] [--device cpu] [--out deft-bench-results] [--seed 0] [--threads 1]
     python -m deft_kernels.benchmarks ...   (the same; also python -m deft_kernels.bench)
 
 What it does:
@@ -33,9 +33,10 @@ What it does:
    - **bin imbalance**: max / mean over ranks of the measured select time, and for DEFT of the
      bin-packing model cost as well.
 
-Writes ``worker_count_<model>_<device>.{txt,json,png}`` under ``--out``: the table, every
-measurement with the machine and command line, and the plot (selection time and sent density
-versus n on log axes, with DEFT's ideal ``T(1)/n``).
+Writes ``worker_count_<model>_<device>.{txt,json,png}`` under ``--out`` (default
+``deft-bench-results/`` in the current directory; ``--out bench/results`` rewrites the repository's
+committed files): the table, every measurement with the machine and command line, and the plot
+(selection time and sent density versus n on log axes, with DEFT's ideal ``T(1)/n``).
 
 The progress bar needs tqdm and the plot matplotlib: the ``deft_kernels[bench]`` extra. Without
 them the command stops at once naming the extra (``--no-progress`` and ``--no-plot`` do without);
@@ -64,7 +65,7 @@ from typing import Any, NoReturn
 import torch
 
 from .. import __version__, driver, planning, sparsifiers
-from . import models
+from . import DEFAULT_OUT, models
 from .cli import modes_help
 
 __all__ = ["main", "build_parser", "parse_args", "run", "Workload", "make_workload", "simulate", "benchable",
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3, help="measured steps per (sparsifier, n); medians reported")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="unmeasured steps first per (sparsifier, n)")
     p.add_argument("--device", default="cpu", help="device the selection runs on (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png results")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="directory for the .txt, .json and .png results (bench/results: the committed ones)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and batches")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads of one simulated worker (torch.set_num_threads); 1 = a core per worker")
