@@ -98,6 +98,49 @@ def test_simulation_of_one_worker_is_the_real_step(name):
     assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
 
 
+@pytest.mark.parametrize("name", bench.RANK_FREE)
+def test_rank_free_sparsifiers_simulate_their_distinct_workers_only(name, monkeypatch):
+    """n = 6 workers on 2 distinct gradients: a RANK_FREE sparsifier runs 2 simulated ranks, and sends
+    and selects, step after step, exactly what all 6 simulated send and select; the simulation of
+    n = 2 stated for 6 workers (what run() reuses) has the same figures."""
+    work = bench.make_workload("ncf", distinct=2, seed=0, device="cpu", train_steps=0)
+    options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
+    fast = bench.simulate(name, 0.01, work, 6, warmup=1, repeats=3, options=options)
+    reused = bench.for_workers(bench.simulate(name, 0.01, work, 2, warmup=1, repeats=3, options=options), 6)
+    monkeypatch.setattr(bench, "RANK_FREE", ())
+    full = bench.simulate(name, 0.01, work, 6, warmup=1, repeats=3, options=options)
+    assert (fast["simulated_ranks"], reused["simulated_ranks"], full["simulated_ranks"]) == (2, 2, 6)
+    assert [len(s["t_ranks"]) for s in fast["steps"]] == [2, 2, 2]
+    for mine in (fast, reused):
+        assert [s["sent"] for s in mine["steps"]] == [s["sent"] for s in full["steps"]]
+        assert [[s["selected"][r % 2] for r in range(6)] for s in mine["steps"]] == [s["selected"] for s in full["steps"]]
+        for key in ("workers", "shards", "sent", "density", "selected_per_worker_mean", "selected_per_worker_max",
+                    "budget"):
+            assert mine[key] == full[key], key
+    with pytest.raises(ValueError, match="does not stand for 5 workers"):
+        bench.for_workers(full, 5)
+
+
+def test_ranked_sparsifiers_simulate_every_worker():
+    work = bench.make_workload("ncf", distinct=2, seed=0, device="cpu", train_steps=0)
+    for name in set(bench.benchable()) - set(bench.RANK_FREE):
+        assert bench.simulate(name, 0.01, work, 3, warmup=0, repeats=1)["simulated_ranks"] == 3, name
+
+
+def test_run_simulates_a_rank_free_sparsifier_once_past_its_distinct_gradients(tmp_path, monkeypatch, capsys):
+    calls = []
+    simulate = bench.simulate
+    monkeypatch.setattr(bench, "simulate", lambda name, *a, **k: calls.append((name, a[2])) or simulate(name, *a, **k))
+    assert bench.main(["--model", "ncf", "--workers", "1", "2", "4", "8", "--sparsifiers", "deft", "topk",
+                       "--repeats", "1", "--warmup", "0", "--distinct-gradients", "2", "--train-steps", "0",
+                       "--no-progress", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert calls == [("deft", 1), ("topk", 1), ("deft", 2), ("topk", 2), ("deft", 4), ("deft", 8)]
+    rows = {(r["sparsifier"], r["workers"]): r for r in json.loads((tmp_path / "worker_count_ncf_cpu.json").read_text())["results"]}
+    assert rows[("topk", 8)]["simulation_of_workers"] == 2 and rows[("topk", 8)]["t_select_ms"] == rows[("topk", 2)]["t_select_ms"]
+    assert "simulation_of_workers" not in rows[("deft", 8)] and rows[("deft", 8)]["simulated_ranks"] == 8
+    assert "topk at n = 4, 8: the figures of n = 2, not simulated again" in capsys.readouterr().out
+
+
 def test_threshold_is_calibrated_to_k_and_recorded(cli_run):
     g = torch.randn(10_000)
     lam = bench.calibrated_threshold(g, 0.01)
