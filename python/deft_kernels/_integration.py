@@ -9,7 +9,7 @@ import difflib
 import inspect
 import numbers
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping, Union
 
 import torch
@@ -182,13 +182,31 @@ def check_checkpoint(saved: dict[str, Any], group: dist.ProcessGroup | None, den
         raise ValueError(f"state_dict was saved with density {saved.get('density')}, this one has {density}")
 
 
+#: What ``compression_stats()`` returns (``DeftState``, ``GradientSparsifier``): totals over this
+#: rank's sparse steps, every bucket or dtype group summed (warm-up steps are not counted), by key
+#: with its unit; docs/api.md lists them.
+COMPRESSION_STATS = {
+    "steps": "sparse steps (iterations) counted",
+    "selected": "elements this rank proposed (StepStats.selected), summed",
+    "sent": "elements in the global index sets (StepStats.sent), summed",
+    "numel": "elements the steps covered: the gradient's length times the steps",
+    "bytes_sent": "bytes this rank put on the wire (indices and fp32 values), summed",
+    "bytes_received": "bytes it got back (the others' indices and the summed values), summed",
+    "t_select": "seconds of plan and selection, summed (NaN once a step was not timed: CUDA tensors)",
+    "t_comm": "seconds waiting for the collectives, summed (NaN likewise)",
+    "t_other": "seconds of the rest of the steps (error feedback, union, output), summed (NaN likewise)",
+    "density": "sent / numel: the fraction of the elements sent (0.01 = 1%; 0.0 before a sparse step)",
+    "compress_rate": "numel / sent, PowerSGD's name for it (inf before anything was sent)",
+}
+
+
 class CompressionLog:
-    """Running totals of the ``StepStats`` of the sparse steps (warm-up steps are not counted)."""
+    """Running totals of the ``StepStats`` of the sparse steps (warm-up steps are not counted):
+    :data:`COMPRESSION_STATS`."""
 
     def __init__(self) -> None:
         self.steps = 0
-        self.totals = {"selected": 0, "sent": 0, "numel": 0, "bytes_sent": 0, "bytes_received": 0,
-                       "t_select": 0.0, "t_comm": 0.0, "t_other": 0.0}
+        self.totals = {f.name: 0.0 if f.type in (float, "float") else 0 for f in fields(StepStats)}
 
     def record(self, step_stats: list[StepStats]) -> None:
         """Add one sparse step: the stats of each of its sparsifiers (one per bucket or dtype group)."""
@@ -199,7 +217,7 @@ class CompressionLog:
 
     def summary(self) -> dict[str, float]:
         """Totals over every sparse step so far, plus ``density`` (sent / numel) and ``compress_rate``
-        (numel / sent, PowerSGD's name; ``inf`` when nothing was sent)."""
+        (numel / sent, PowerSGD's name; ``inf`` when nothing was sent): :data:`COMPRESSION_STATS`."""
         out: dict[str, float] = dict(self.totals, steps=self.steps)
         out["density"] = out["sent"] / out["numel"] if out["numel"] else 0.0
         out["compress_rate"] = out["numel"] / out["sent"] if out["sent"] else float("inf")
