@@ -1,6 +1,6 @@
 """GPU benchmark of the ops against plain torch and the issue-9 targets, on a GPU machine only.
 
-    python bench/bench_gpu.py [--json bench/results/gpu_<device>.json] [--layouts resnet50 gpt2 gpt2xl]
+    python bench/bench_gpu.py [--json deft-bench-results/gpu_<device>.json] [--layouts resnet50 gpt2 gpt2xl]
                               [--densities 0.01 0.001] [--triton-layouts resnet50 gpt2]
 
 Layouts (fp32): ResNet-50 (25.6M values, 161 tensors), GPT-2 small (124M, 148), GPT-2 XL (1.56B,
@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from deft_kernels.benchmarks import DEFAULT_OUT
 
 # Issue 9's targets. "reads of input": time x copy bandwidth / bytes of the input, at most the goal
 # of the layout; the others at least the goal.
@@ -238,7 +240,7 @@ def git_commit() -> str | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=None, help="output path (default bench/results/gpu_<device>.json)")
+    parser.add_argument("--json", default=None, help="output path (default deft-bench-results/gpu_<device>.json)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--densities", nargs="+", type=float, default=[0.01, 0.001])
     parser.add_argument("--triton-layouts", nargs="*", default=["resnet50", "gpt2"], choices=LAYOUTS,
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     print(format_checks(checks))
 
     device = torch.cuda.get_device_name()
-    path = Path(args.json or f"bench/results/gpu_{device.replace(' ', '_')}.json")
+    path = Path(args.json or f"{DEFAULT_OUT}/gpu_{device.replace(' ', '_')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": device, "torch": torch.__version__, "triton": triton.__version__,
                                 "cuda": torch.version.cuda, "commit": git_commit(), "copy_gbps": copy_gbps,

@@ -12,7 +12,8 @@ the slowest rank's. The fit pools, per rate, every size and both node counts of 
 broadcast (``(n-1) (alpha + S/B)``: the root sends to each rank in turn, as measured: 3x the 2-node
 time at 4 nodes): B by least squares on the times, alpha from the 4 KiB messages
 (:func:`fit`). Writes
-bench/results/calibrate_cluster.{txt,json}: every repetition of every launch, the fits, and each
+OUT/calibrate_cluster.{txt,json} (``--out``: deft-bench-results by default, bench/results for the
+committed files): every repetition of every launch, the fits, and each
 measurement next to the fitted model. Needs root and iproute2 (it stops with one line otherwise).
 """
 
@@ -27,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from deft_kernels.benchmarks import DEFAULT_OUT
+
 OPS = ("all_reduce", "all_gather", "broadcast")
 SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20)  # bytes per rank; 16 MiB is added from 1 Gb/s on
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---- in each node, under torchrun -----------------------------------------------------------------
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per launch before every node is killed")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="folder of the .txt and .json (bench/results: the committed ones)")
     p.add_argument("--refit", metavar="JSON", help="no measurement: fit again the measurements of an earlier run")
     args = p.parse_args(argv)
     if args.worker:

@@ -2,11 +2,13 @@
 # Every measurement on the emulated cluster (docs/cluster.md), as committed under bench/results/:
 # step time per (model, nodes, bandwidth) with bench/cluster_steps.py, then time to accuracy with
 # bench/cluster_convergence.py, then the tables and plots. Needs root and iproute2; about 45 min on a
-# 2-core machine. PYTHON picks the interpreter (default: .venv/bin/python, else python3).
+# 2-core machine. PYTHON picks the interpreter (default: .venv/bin/python, else python3); OUT the
+# folder (default bench/results: this script regenerates the committed files; git diff shows what moved).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-steps() { "$PYTHON" bench/cluster_steps.py "$@"; }
+OUT=${OUT:-bench/results}
+steps() { "$PYTHON" bench/cluster_steps.py --out "$OUT" "$@"; }
 
 for model in resnet18 ncf; do
   for nodes in 2 4; do
@@ -25,6 +27,6 @@ for model in resnet18 ncf; do
 done
 steps --report
 for nodes in 2 4; do
-  "$PYTHON" bench/cluster_convergence.py --nodes $nodes --bandwidth 1gbit --timeout 540
+  "$PYTHON" bench/cluster_convergence.py --out "$OUT" --nodes $nodes --bandwidth 1gbit --timeout 540
 done
-"$PYTHON" bench/cluster_convergence.py --report
+"$PYTHON" bench/cluster_convergence.py --out "$OUT" --report

@@ -15,8 +15,9 @@ bucket (it aborts on gloo with several). Top-k and DEFT: density ``--density`` (
 The clock is the training time of rank 0: every ``--eval-every`` steps the ranks meet, rank 0
 measures the held-out accuracy, and that pause is left out of the clock. With the default sizes,
 all-reduce is communication-bound at 1 Gb/s (its exchange takes several times the compute step: the
-table gives both). Raw results: bench/results/cluster_convergence/raw/; ``--report`` writes
-bench/results/cluster_convergence.{txt,json,png}.
+table gives both). Raw results: OUT/cluster_convergence/raw/; ``--report`` writes
+OUT/cluster_convergence.{txt,json,png}; ``--out`` (OUT) is deft-bench-results by default, and
+bench/results for the committed files (bench/cluster_all.sh).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-RAW = RESULTS / "cluster_convergence" / "raw"
+from deft_kernels.benchmarks import DEFAULT_OUT
+
 METHODS = ["allreduce", "powersgd", "topk", "deft"]
 DATA = "mnist_5k.csv.gz"
 
@@ -178,18 +179,19 @@ def worker(cfg: dict) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from cluster_steps import launch_on_cluster
+    from cluster_steps import launch_on_cluster, raw_dir
 
     mnist_path()  # fail now, not in every node
     cfg = {k: getattr(args, k) for k in ("methods", "epochs", "warmup", "density", "powersgd_rank", "batch", "lr",
                                           "seed", "eval_every")}
     stem = f"mnist_n{args.nodes}_{args.bandwidth}{args.tag}"
-    run = launch_on_cluster(__file__, cfg, args, RAW, stem, expect=1)  # rank 0 reports
+    raw = raw_dir(args.out, "cluster_convergence")
+    run = launch_on_cluster(__file__, cfg, args, raw, stem, expect=1)  # rank 0 reports
     if run is None:
         return 1
     out = {"config": run["config"], **run["results"][0]}
-    (RAW / f"{stem}.json").write_text(json.dumps(out, indent=1))
-    print(f"{stem}: {out['config']['wall_s']:.0f} s; {RAW / stem}.json")
+    (raw / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    print(f"{stem}: {out['config']['wall_s']:.0f} s; {raw / stem}.json")
     return report_rows([out], None)
 
 
@@ -298,7 +300,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--prefix", type=_prefix_arg, default="dkc")
     p.add_argument("--timeout", type=_positive_float, default=900.0)
     p.add_argument("--tag", default="")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches (OUT/cluster_convergence/raw) and "
+                   "of the report (bench/results: the committed ones)")
     args = p.parse_args(argv)
     if args.warmup < 2:
         p.error(f"--warmup must be >= 2 (PowerSGD's start_powerSGD_iter), got {args.warmup}")
@@ -316,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        launches = [_flat(json.loads(p.read_text())) for p in sorted(RAW.glob("*.json"))]
+        from cluster_steps import raw_dir
+
+        raw = raw_dir(args.out, "cluster_convergence")
+        launches = [_flat(json.loads(p.read_text())) for p in sorted(raw.glob("*.json"))]
         if not launches:
-            print(f"cluster_convergence: no launches in {RAW}; run one first", file=sys.stderr)
+            print(f"cluster_convergence: no launches in {raw}; run one first", file=sys.stderr)
             return 1
         return report_rows(launches, Path(args.out))
     return launch(args)

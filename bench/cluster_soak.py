@@ -8,6 +8,8 @@ raises and torchrun restarts the group). The same run without faults gives the r
     python bench/cluster_soak.py run --mode faulted --out bench/results/cluster_soak
     python bench/cluster_soak.py report --out bench/results/cluster_soak
 
+(the committed run; without ``--out`` the files go to deft-bench-results/cluster_soak).
+
 ``run`` writes OUT/<mode>.json (faults injected, restarts, steps run and lost, the conservation
 ledger, final-parameter checksum, wall time), OUT/<mode>_loss.csv (rank 0's loss per step, from the
 attempt that the final trajectory kept) and OUT/<mode>_events.log (the workers' start/failure/done
@@ -31,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.elastic import RESTART_ENV  # torchrun's restarts reconnect only with it
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,7 +257,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--mode", choices=["clean", "faulted"], required=True)
-    r.add_argument("--out", default="bench/results/cluster_soak")
+    r.add_argument("--out", default=f"{DEFAULT_OUT}/cluster_soak")
     r.add_argument("--nodes", type=int, default=4)
     r.add_argument("--bandwidth", default="100mbit")
     r.add_argument("--steps", type=int, default=2000)
@@ -268,7 +271,7 @@ def main() -> None:
                    choices=["kill", "flap_short", "flap_long"], help="fault kinds drawn from")
     r.add_argument("--deadline", type=float, default=460.0, help="seconds before the run is abandoned")
     q = sub.add_parser("report")
-    q.add_argument("--out", default="bench/results/cluster_soak")
+    q.add_argument("--out", default=f"{DEFAULT_OUT}/cluster_soak")
     args = p.parse_args()
     run(args) if args.cmd == "run" else report(args)
 

@@ -30,8 +30,9 @@ per step (at the last bucket): the ranks then wait for each other once a step, a
 synchronous exchange, which on a shared machine costs the spread of the ranks' step times. Exposed
 communication = step - compute. CPU time per step (``time.process_time``, all threads of the rank's
 process) tells work from waiting.
-Raw results (per-rank JSON and every node's output) go to bench/results/cluster_steps/raw/; ``--report``
-writes bench/results/cluster_steps.{txt,json,png}.
+Raw results (per-rank JSON and every node's output) go to OUT/cluster_steps/raw/; ``--report``
+writes OUT/cluster_steps.{txt,json,png}; ``--out`` (OUT) is deft-bench-results by default, and
+bench/results for the committed files (bench/cluster_all.sh).
 """
 
 from __future__ import annotations
@@ -48,11 +49,17 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-RAW = RESULTS / "cluster_steps" / "raw"
+from deft_kernels.benchmarks import DEFAULT_OUT
+
 SPARSE = ("topk", "deft", "cltk", "micro")
 DEFAULT_METHODS = ["compute", "sync", "allreduce", "powersgd", "topk:0.01", "deft:0.01", "topk:0.001", "deft:0.001"]
 BATCH = {"resnet18": 16, "ncf": 256}
+
+
+def raw_dir(out: str, bench: str = "cluster_steps") -> Path:
+    """Where a cluster benchmark's launches put their raw results under ``--out``, and where its
+    ``--report`` reads them."""
+    return Path(out) / bench / "raw"
 
 
 # -- in each node: the training processes (torchrun runs this file with --worker) ----------------------------
@@ -328,13 +335,14 @@ def launch(args: argparse.Namespace) -> int:
            "warmup": args.warmup, "steps": args.steps, "rounds": min(args.rounds, args.steps),
            "bucket_cap_mb": args.bucket_cap_mb, "seed": args.seed, "pg_timeout": args.pg_timeout}
     stem = f"{args.model}_n{args.nodes}_{args.bandwidth}{args.tag}"
-    run = launch_on_cluster(__file__, cfg, args, RAW, stem, expect=args.nodes)
+    raw = raw_dir(args.out)
+    run = launch_on_cluster(__file__, cfg, args, raw, stem, expect=args.nodes)
     if run is None:
         return 1
     out = {"config": run["config"], "ranks": sorted(run["results"], key=lambda r: r["rank"])}
-    (RAW / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    (raw / f"{stem}.json").write_text(json.dumps(out, indent=1))
     print(f"{stem}: link {out['config']['link_goodput_mbps']:.0f} Mb/s goodput, {out['config']['wall_s']:.0f} s; "
-          f"{RAW / stem}.json")
+          f"{raw / stem}.json")
     for row in summarize(out):
         print(f"  {row['label']:<12} step {row['step_ms']:8.1f} ms  exposed {row['exposed_ms']:8.1f}  "
               f"exchange alone {row.get('exchange_iso_ms', float('nan')):8.1f}  wire {row['wire_tx_mb']:7.3f} MB "
@@ -398,7 +406,7 @@ def _bw_bits(bw: str) -> float:
     return parse_rate(bw)
 
 
-def report(out_dir: Path, raw: Path = RAW) -> int:
+def report(out_dir: Path, raw: Path) -> int:
     runs = [json.loads(p.read_text()) for p in sorted(raw.glob("*.json"))]
     if not runs:
         print(f"cluster_steps: no launches in {raw}; run one first", file=sys.stderr)
@@ -537,8 +545,10 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds before the launch is killed")
     p.add_argument("--pg-timeout", type=int, default=120, help="process group timeout (s)")
     p.add_argument("--tag", default="", help="suffix of the raw result's name")
-    p.add_argument("--raw", default=str(RAW), help="--report: the folder of raw launches to summarise")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--raw", default=None, help="--report: the folder of raw launches to summarise "
+                   "(default: OUT/cluster_steps/raw)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches and of the report "
+                   "(bench/results: the committed ones)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -558,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        return report(Path(args.out), Path(args.raw))
+        return report(Path(args.out), Path(args.raw) if args.raw else raw_dir(args.out))
     return launch(args)
 
 

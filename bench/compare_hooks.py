@@ -14,7 +14,8 @@ the warm-up (forward, backward with communication, optimizer), and the final tra
 held-out accuracy. The model (50,826 parameters) fits one DDP bucket: with several buckets on gloo,
 PyTorch's PowerSGD hook aborted the process at its first compressed step here (torch 2.13.0, gloo
 "Received data size doesn't match expected size"; with one bucket it ran).
-Results go to bench/results/compare_hooks_digits.{json,txt}.
+Results go to OUT.{json,txt}, ``--out`` OUT being deft-bench-results/compare_hooks_digits by
+default and bench/results/compare_hooks_digits for the committed files.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from convergence import RESULTS, build_model, run_workers, write_results
+from convergence import build_model, run_workers, write_results
 from deft_kernels import DeftState, deft_hook
+from deft_kernels.benchmarks import DEFAULT_OUT
 
 HOOKS = ("allreduce", "powersgd", "deft")
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
     p.add_argument("--timeout", type=float, default=900, help="seconds before the workers are killed")
-    p.add_argument("--out", default=str(RESULTS / "compare_hooks_digits"), help="path without extension")
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/compare_hooks_digits", help="path without extension")
     args = p.parse_args(argv)
     if args.workers < 2 or args.batch % args.workers:
         p.error("--workers must be >= 2 and divide --batch")

@@ -1,6 +1,7 @@
 """Convergence at density 1% against dense training: a small MLP on scikit-learn's bundled digits.
 
-    python bench/convergence.py                      # 4 gloo processes on CPU, every registered sparsifier
+    python bench/convergence.py --out bench/results/convergence_digits
+                                                     # 4 gloo processes on CPU, every registered sparsifier
     python bench/convergence.py --dtype bfloat16 --residual-dtypes float32,bfloat16 \
         --sparsifiers dense,topk,deft --out bench/results/convergence_digits_bf16
                                                      # bf16 model, both residual dtypes (issue 18)
@@ -20,7 +21,8 @@ steps 20-59 was 0.0017 on average and 0.025 at most; error feedback makes |a| gr
 lambda sits between the two. It is not tuned per run: the density it actually reaches is in the
 table. ``--dtype bfloat16`` trains a bf16 model (bf16 gradients); ``--residual-dtypes`` runs each
 sparsifier once per residual dtype (``auto``: the default, fp32 for 16-bit gradients). Results go
-to bench/results/convergence_digits.{json,txt}.
+to OUT.{json,txt}, ``--out`` OUT being deft-bench-results/convergence_digits by default and
+bench/results/convergence_digits for the committed files.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, deft_hook
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.sparsifiers import SPARSIFIERS
 
 ORDER = ["dense", "topk", "cltk", "threshold", "sidco", "deft", "micro"]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_data(seed: int):
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--residual-dtypes", default="auto",
                    help="comma-separated residual dtypes to run each sparsifier with (auto, float32, bfloat16)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before the workers are killed")
-    p.add_argument("--out", default=str(RESULTS / "convergence_digits"), help="path without extension")
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/convergence_digits", help="path without extension")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.sparsifiers.split(",") if n.strip()]
     unknown = [n for n in names if n not in SPARSIFIERS]

@@ -21,7 +21,8 @@ leaves out the time slices other processes take on a shared machine; ``--clock w
 elapsed time (needed for more than one thread). Reported per (threads, n, model): the imbalance of the measured bin times (max / mean,
 1.0 is perfect), the slowest bin (the step's critical path), and the model's own predicted imbalance.
 
-Writes ``bench/results/cost_models_<model>_cpu.{txt,json}``.
+Writes ``OUT/cost_models_<model>_cpu.{txt,json}`` (``--out`` OUT: deft-bench-results/ by default,
+bench/results for the committed files).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from deft_kernels import ops, planning
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks import worker_count as bench
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if any(n < 2 for n in args.workers):
         p.error(f"--workers must be at least 2 (one bin needs no packing), got {args.workers}")

@@ -38,10 +38,10 @@ import torch.distributed as dist
 
 import deft_kernels
 from deft_kernels import DeftState, deft_hook, transfer
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks.layouts import gpt2_xl_layout, resnet50_layout
 from deft_kernels.driver import collectives
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {"resnet50": (resnet50_layout, 100), "gpt2-xl": (gpt2_xl_layout, 1000)}
 BUCKET_CAP = 25 * 2**20  # DDP's default bucket_cap_mb, in bytes of fp32
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plans", nargs="+", default=["ahead", "leader"], choices=["ahead", "leader", "default"],
                    help="DEFT's plan protocols to measure (default: both); 'default' passes no plan=")
     p.add_argument("--label", default="after", help="names the output file: hook_host_time_<label>")
-    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--out-dir", default=DEFAULT_OUT,
+                   help="folder of the .txt and .json (bench/results: the committed ones)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dist.GradBucket = Bucket  # deft_hook checks isinstance(bucket, dist.GradBucket)

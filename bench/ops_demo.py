@@ -2,7 +2,7 @@
 would write in plain torch, checks that both give the same result, prints a table with ratios and
 writes it as JSON with the machine it ran on.
 
-    .venv/bin/python bench/ops_demo.py [--json bench/results/ops_demo_cpu.json] [--repeats 7]
+    .venv/bin/python bench/ops_demo.py [--json deft-bench-results/ops_demo_cpu.json] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from common import (DENSITY, accumulate_norms_torch, indices_at_least_torch, res
                     topk_per_fragment, topk_whole)
 import deft_kernels
 from deft_kernels import _C, ops
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks.worker_count import cpu_model
 
 
@@ -42,7 +43,8 @@ def same_selection(x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default="bench/results/ops_demo_cpu.json", help="where to write the results")
+    parser.add_argument("--json", default=f"{DEFAULT_OUT}/ops_demo_cpu.json",
+                        help="where to write the results (bench/results/ops_demo_cpu.json: the committed ones)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per entry (median reported)")
     args = parser.parse_args()
 

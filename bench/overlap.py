@@ -17,7 +17,8 @@ cores free (the table prints the machine's cores and load).
     .venv/bin/python bench/overlap.py [--ranks 2] [--width 1024] [--layers 8] [--batch 64] [--bucket-mb 4]
                                       [--iters 20] [--sparsifier deft] [--density 0.01] [--threads 1]
 
-Writes ``bench/results/overlap_<sparsifier>_cpu.{txt,json}`` (the table; every iteration's times,
+Writes ``OUT/overlap_<sparsifier>_cpu.{txt,json}`` (``--out`` OUT: deft-bench-results/ by default,
+bench/results for the committed files; the table; every iteration's times,
 the command, the machine). Every spawn has a hard timeout.
 """
 
@@ -40,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from deft_kernels import DeftState, deft_hook
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks.worker_count import machine_info
 from deft_kernels.sparsifiers import SPARSIFIERS
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     for name in ("ranks", "width", "layers", "batch", "iters", "warmup", "threads"):
         if getattr(args, name) < (2 if name == "ranks" else 1):

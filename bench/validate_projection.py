@@ -34,7 +34,9 @@ The prediction's inputs, per point:
 
 It also sets the model's exchange alone (selection + collectives) next to the cluster's
 ``exchange_iso_ms`` (the same exchange with nothing else running). Points whose inputs are missing
-are listed with the reason. Writes bench/results/validate_projection.{txt,json}; a point is within
+are listed with the reason. Writes OUT/validate_projection.{txt,json,md} (``--out`` OUT:
+deft-bench-results/ by default, bench/results for the committed files; its inputs are read from
+bench/results/ unless given); a point is within
 target when |predicted / measured - 1| <= 20%.
 """
 
@@ -47,7 +49,9 @@ import shlex
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from deft_kernels.benchmarks import DEFAULT_OUT
+
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed inputs
 TARGET = 0.20
 #: Sync runs whose compute-only step is longer than this do not calibrate the overhead: between
 #: launches such a step varies by more than the milliseconds measured (ResNet-18's 450-950 ms steps:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collective-overhead", default="none", type=_overhead,
                    help="fixed cost per collective call: 'none', 'sync' (calibrated from the cluster's sync runs) "
                         "or milliseconds")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     for path in (args.steps, args.calibration):
         if not Path(path).is_file():

@@ -17,8 +17,9 @@ same thread count. Per measured step it compares:
   multiplied by that, and the report says so.
 
 Every spawn has a hard timeout; on expiry the ranks are killed and the run fails. Writes
-``bench/results/validate_simulation_<model>.{txt,json}``. Exits 1 when a sent count differs (a bug);
-a time outside the factor is reported, not fatal (the timings are noisy on a shared machine).
+``OUT/validate_simulation_<model>.{txt,json}`` (``--out`` OUT: deft-bench-results/ by default,
+bench/results for the committed files). Exits 1 when a sent count differs (a bug); a time outside
+the factor is reported, not fatal (the timings are noisy on a shared machine).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deft_kernels import driver, sparsifiers
+from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks import worker_count as bench
 
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-factor", type=float, default=1.5,
                    help="allowed ratio of real to simulated median selection time when the ranks fit the cores")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a spawn is killed")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if any(n < 2 for n in args.workers):
         p.error(f"--workers must be at least 2 (one worker needs no process group), got {args.workers}")

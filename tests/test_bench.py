@@ -98,6 +98,49 @@ def test_simulation_of_one_worker_is_the_real_step(name):
     assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
 
 
+@pytest.mark.parametrize("name", bench.RANK_FREE)
+def test_rank_free_sparsifiers_simulate_their_distinct_workers_only(name, monkeypatch):
+    """n = 6 workers on 2 distinct gradients: a RANK_FREE sparsifier runs 2 simulated ranks, and sends
+    and selects, step after step, exactly what all 6 simulated send and select; the simulation of
+    n = 2 stated for 6 workers (what run() reuses) has the same figures."""
+    work = bench.make_workload("ncf", distinct=2, seed=0, device="cpu", train_steps=0)
+    options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
+    fast = bench.simulate(name, 0.01, work, 6, warmup=1, repeats=3, options=options)
+    reused = bench.for_workers(bench.simulate(name, 0.01, work, 2, warmup=1, repeats=3, options=options), 6)
+    monkeypatch.setattr(bench, "RANK_FREE", ())
+    full = bench.simulate(name, 0.01, work, 6, warmup=1, repeats=3, options=options)
+    assert (fast["simulated_ranks"], reused["simulated_ranks"], full["simulated_ranks"]) == (2, 2, 6)
+    assert [len(s["t_ranks"]) for s in fast["steps"]] == [2, 2, 2]
+    for mine in (fast, reused):
+        assert [s["sent"] for s in mine["steps"]] == [s["sent"] for s in full["steps"]]
+        assert [[s["selected"][r % 2] for r in range(6)] for s in mine["steps"]] == [s["selected"] for s in full["steps"]]
+        for key in ("workers", "shards", "sent", "density", "selected_per_worker_mean", "selected_per_worker_max",
+                    "budget"):
+            assert mine[key] == full[key], key
+    with pytest.raises(ValueError, match="does not stand for 5 workers"):
+        bench.for_workers(full, 5)
+
+
+def test_ranked_sparsifiers_simulate_every_worker():
+    work = bench.make_workload("ncf", distinct=2, seed=0, device="cpu", train_steps=0)
+    for name in set(bench.benchable()) - set(bench.RANK_FREE):
+        assert bench.simulate(name, 0.01, work, 3, warmup=0, repeats=1)["simulated_ranks"] == 3, name
+
+
+def test_run_simulates_a_rank_free_sparsifier_once_past_its_distinct_gradients(tmp_path, monkeypatch, capsys):
+    calls = []
+    simulate = bench.simulate
+    monkeypatch.setattr(bench, "simulate", lambda name, *a, **k: calls.append((name, a[2])) or simulate(name, *a, **k))
+    assert bench.main(["--model", "ncf", "--workers", "1", "2", "4", "8", "--sparsifiers", "deft", "topk",
+                       "--repeats", "1", "--warmup", "0", "--distinct-gradients", "2", "--train-steps", "0",
+                       "--no-progress", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert calls == [("deft", 1), ("topk", 1), ("deft", 2), ("topk", 2), ("deft", 4), ("deft", 8)]
+    rows = {(r["sparsifier"], r["workers"]): r for r in json.loads((tmp_path / "worker_count_ncf_cpu.json").read_text())["results"]}
+    assert rows[("topk", 8)]["simulation_of_workers"] == 2 and rows[("topk", 8)]["t_select_ms"] == rows[("topk", 2)]["t_select_ms"]
+    assert "simulation_of_workers" not in rows[("deft", 8)] and rows[("deft", 8)]["simulated_ranks"] == 8
+    assert "topk at n = 4, 8: the figures of n = 2, not simulated again" in capsys.readouterr().out
+
+
 def test_threshold_is_calibrated_to_k_and_recorded(cli_run):
     g = torch.randn(10_000)
     lam = bench.calibrated_threshold(g, 0.01)
@@ -267,6 +310,110 @@ def test_cli_default_mode_is_worker_count(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     assert "--workers" in capsys.readouterr().out
+
+
+def _help(argv, capsys) -> str:
+    from deft_kernels.benchmarks import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_mode_with_a_line(capsys):
+    from deft_kernels.benchmarks import cli
+
+    out = _help(["--help"], capsys)
+    assert out.startswith("usage: deft-bench [MODE] [options]")
+    assert set(cli.MODES) == {"worker-count", "project", "cluster"}
+    for name, mode in cli.MODES.items():
+        assert f"\n  {name:<12}  {mode.summary}\n" in out
+    assert "--workers" in _help(["worker-count", "--help"], capsys)  # the default mode by its name
+    assert "--preset" in _help(["project", "--help"], capsys)
+
+
+def test_cluster_help_lists_every_action_with_a_line(capsys):
+    from deft_kernels.benchmarks import cluster
+
+    out = _help(["cluster", "--help"], capsys)
+    for name in ("run", "torchrun", "check-shaping", "check", "cleanup"):
+        assert f"\n  {name:<13}  {cluster.SUBCOMMANDS[name]}\n" in out
+    assert cluster.SUBCOMMANDS["check"] in _help(["cluster", "check", "--help"], capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bogus"], "deft-bench: error: unknown mode 'bogus': choose from worker-count, project, cluster"),
+    (["projet", "--model", "ncf"], "unknown mode 'projet' (did you mean 'project'?): choose from"),
+    (["cluster", "bogus"], "deft-bench cluster: error: unknown action 'bogus': choose from run, torchrun, "
+                           "check-shaping, check, cleanup"),
+])
+def test_unknown_mode_or_action_names_the_valid_ones(argv, message, capsys):
+    from deft_kernels.benchmarks import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_default_out_is_a_folder_of_the_current_directory_that_git_ignores(tmp_path, monkeypatch, capsys):
+    """A run without --out writes into ./deft-bench-results, never into the repository's committed
+    bench/results (issue 27: the quickstart in a clone left 5 modified files)."""
+    import subprocess
+    from pathlib import Path
+
+    from deft_kernels.benchmarks import DEFAULT_OUT, project
+
+    assert DEFAULT_OUT == "deft-bench-results"
+    assert bench.build_parser().get_default("out") == project.build_parser().get_default("out") == DEFAULT_OUT
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--model", "ncf", "--workers", "1", "--sparsifiers", "topk", "--repeats", "1", "--warmup", "0",
+                       "--distinct-gradients", "1", "--train-steps", "0", "--no-progress", "--no-plot"]) == 0
+    assert sorted(p.name for p in (tmp_path / DEFAULT_OUT).iterdir()) == ["worker_count_ncf_cpu.json",
+                                                                        "worker_count_ncf_cpu.txt"]
+    assert f"wrote {DEFAULT_OUT}/worker_count_ncf_cpu.txt" in capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: .gitignore cannot be asked")
+    paths = [f"{DEFAULT_OUT}/worker_count_ncf_cpu.json", f"bench/{DEFAULT_OUT}/x.json"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=root, capture_output=True, text=True, timeout=30)
+    assert ignored.stdout.split() == paths, ".gitignore must list the default output folder at any depth"
+
+
+def _code_strings(tree) -> list:
+    """The string constants of a module's code: not docstrings, not help= texts."""
+    import ast
+
+    prose = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            prose.add(id(body[0].value))
+        if isinstance(node, ast.Call):
+            prose.update(id(k.value) for k in node.keywords if k.arg == "help")
+    skip = {id(m) for node in ast.walk(tree) if id(node) in prose for m in ast.walk(node)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+
+
+def test_bench_scripts_write_into_the_default_out_unless_told():
+    """Every bench/ script's output option defaults to a path under DEFAULT_OUT, and no other code
+    string names bench/results: the committed files change only under an explicit --out."""
+    import ast
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py"))
+    options = 0
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"):
+            if call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value in ("--out", "--out-dir", "--json"):
+                default = next((k.value for k in call.keywords if k.arg == "default"), None)
+                options += 1
+                assert default is None or (isinstance(default, ast.Constant) and default.value is None) or \
+                    "DEFAULT_OUT" in ast.unparse(default), f"{script.name}:{call.lineno} {ast.unparse(call)}"
+        named = [n.lineno for n in _code_strings(tree) if "bench/results" in n.value]
+        assert not named, f"{script.name} names bench/results in code at lines {named}"
+    assert options >= 15  # every script that writes has one (a script renamed or gone would show here)
 
 
 def _bench_script(name: str, *args: str):

@@ -50,3 +50,26 @@ def test_unknown_keyword_names_sparsifier_argument_and_options(name):
     with pytest.raises(TypeError, match=rf"sparsifier '{name}' takes no keyword argument 'treshold'"):
         DeftState(sparsifier=name, treshold=0.5)
 
+
+
+def test_keyword_hint_helper_names_deftstate_arguments():
+    """The helper DeftState calls on its **sparsifier_kwargs (deft_kernels._integration.check_options)
+    reads DeftState's own arguments from its signature."""
+    from deft_kernels._integration import check_options
+
+    with pytest.raises(TypeError, match=r"sparsifier 'deft' takes no keyword argument 'warmup'; "
+                                        r"did you mean DeftState's warmup_steps=\?"):
+        check_options("deft", {"warmup": 5}, DeftState)
+    with pytest.raises(TypeError, match=r"'group'; did you mean DeftState's process_group=\?"):
+        check_options("topk", {"group": None}, DeftState)
+    check_options("deft", {"cost_model": "norm"}, DeftState)  # an option of the sparsifier passes
+    with pytest.raises(TypeError, match=r"did you mean DeftState's warmup_steps=\?"):  # and DeftState calls it
+        DeftState(warmup=5)
+    with pytest.raises(TypeError, match=r"'plans'; did you mean .*plan="):
+        DeftState(plans="leader")
+    DeftState(plan="leader")
+
+
+def test_deftstate_density_one_warns():
+    with pytest.warns(UserWarning, match="density=1 sends every element"):
+        DeftState(sparsifier="deft", density=1)

@@ -3,6 +3,7 @@ The multi-process checks (equal to the DDP hook, checkpoints across ranks) are i
 
 import inspect
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,45 @@ def test_rejects_bad_arguments():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse grad"):
         gs.step()
+
+
+@pytest.mark.parametrize("kwargs,hint", [
+    ({"warmup": 5}, "did you mean GradientSparsifier's warmup_steps=?"),
+    ({"dens": 0.01}, "did you mean GradientSparsifier's density=?"),
+    ({"residual_type": torch.float32}, "did you mean residual_dtype=?"),
+    ({"threshold": 0.1}, "threshold= is an option of sparsifier 'threshold'"),
+])
+def test_misspelt_keyword_names_the_argument_it_resembles(kwargs, hint):
+    with pytest.raises(TypeError, match="sparsifier 'deft' takes no keyword argument") as raised:
+        GradientSparsifier(_model(), sparsifier="deft", density=0.1, **kwargs)
+    assert hint in str(raised.value)
+    assert "its options: cost_model=, plan=, residual_dtype=" in str(raised.value)
+    assert "GradientSparsifier takes model_or_params=, sparsifier=, density=, group=, warmup_steps=" in str(raised.value)
+
+
+def test_misspelt_keyword_of_a_factory_is_named():
+    def factory(density, *, depth=2):
+        return SPARSIFIERS["topk"](density)
+
+    with pytest.raises(TypeError, match=r"sparsifier factory 'factory' takes no keyword argument 'dept'; did you mean depth="):
+        GradientSparsifier(_model(), sparsifier=factory, density=0.1, dept=3)
+    GradientSparsifier(_model(), sparsifier=factory, density=0.1, depth=3)  # its own keyword passes
+
+
+def test_density_one_warns_that_it_sends_everything():
+    with pytest.warns(UserWarning, match=r"density=1 sends every element .* as sparsifier='dense' does.*density=0.01"):
+        gs = GradientSparsifier(_model(), sparsifier="deft", density=1)
+    assert gs.density == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: below 1, or the dense sparsifier itself
+        GradientSparsifier(_model(), sparsifier="deft", density=0.99)
+        GradientSparsifier(_model(), sparsifier="dense", density=1)
+
+
+def test_density_one_warns_once_per_call_site():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's own filter for a UserWarning
+        for _ in range(3):
+            GradientSparsifier(_model(), sparsifier="topk", density=1.0)
+    assert [str(w.message)[:30] for w in seen] == ["density=1 sends every element "]
+    assert seen[0].filename == __file__  # it points at the user's line, not at the library

@@ -5,9 +5,12 @@ running compression statistics. Both run their steps with :mod:`deft_kernels.dri
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import numbers
-from dataclasses import asdict
-from typing import Any, Callable, Union
+import warnings
+from dataclasses import asdict, fields
+from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.distributed as dist
@@ -18,13 +21,79 @@ from .sparsifiers.base import Sparsifier, StepStats
 SparsifierSpec = Union[str, Callable[..., Sparsifier]]
 
 
-def check_density(density: Any) -> float:
-    """``density`` as a float in (0, 1], or a ``ValueError``/``TypeError`` naming the argument."""
+def check_density(density: Any, sparsifier: SparsifierSpec | None = None, *, stacklevel: int = 3) -> float:
+    """``density`` as a float in (0, 1], or a ``ValueError``/``TypeError`` naming the argument.
+
+    ``density=1`` with a sparsifier other than ``"dense"`` is allowed but warns (once per call site,
+    Python's default for a ``UserWarning``): it sends every element at every step, as ``"dense"``
+    does, with the selection work on top; a user who meant 1% wrote 1 for 0.01. ``stacklevel`` 3
+    points the warning at the line that called the caller (``DeftState(...)``)."""
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"density must be a float in (0, 1], got {type(density).__name__}")
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density!r}")
+    if float(density) == 1.0 and sparsifier != "dense":
+        warnings.warn("density=1 sends every element at every step, as sparsifier='dense' does (with the selection "
+                      "work on top); density is a fraction: for 1% pass density=0.01", UserWarning,
+                      stacklevel=stacklevel)
     return float(density)
+
+
+def _keywords(func: Callable[..., Any]) -> tuple[list[str], bool]:
+    """The names ``func`` takes as keywords, in order, and whether it takes any other (``**kwargs``,
+    or no signature to read)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    return ([p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)],
+            any(p.kind is p.VAR_KEYWORD for p in params))
+
+
+def _closest(word: str, names: list[str]) -> str | None:
+    """The name ``word`` was most likely meant to be: the same but for case, a name that holds it
+    or that it holds (4 letters or more: ``warmup`` in ``warmup_steps``), else the nearest by
+    ``difflib`` (ratio 0.6 or more); ``None`` when none is near."""
+    low = word.lower()
+    folded = {n.lower(): n for n in names}
+    if low in folded:
+        return folded[low]
+    holding = [n for n in names if min(len(low), len(n)) >= 4 and (low in n.lower() or n.lower() in low)]
+    if holding:
+        return max(holding, key=lambda n: difflib.SequenceMatcher(None, low, n.lower()).ratio())
+    near = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def check_options(spec: SparsifierSpec, kwargs: Mapping[str, Any], caller: Callable[..., Any]) -> None:
+    """Refuse, with a ``TypeError``, a keyword in ``kwargs`` (the ``**sparsifier_kwargs`` of
+    ``caller``, e.g. ``DeftState``) that the sparsifier ``spec`` does not take, naming the argument of
+    ``caller`` or the option of the sparsifier it resembles: ``DeftState(warmup=5)`` points to
+    ``warmup_steps=``. ``caller``'s own arguments are read from its signature. A factory whose
+    signature takes ``**kwargs`` (or has none to read) is left to refuse for itself."""
+    from . import sparsifiers
+
+    if isinstance(spec, str):
+        what, (options, any_other) = f"sparsifier {spec!r}", _keywords(sparsifiers.SPARSIFIERS[spec])
+    else:
+        what = f"sparsifier factory {getattr(spec, '__name__', type(spec).__name__)!r}"
+        options, any_other = _keywords(spec)
+    if any_other:
+        return
+    options = [o for o in options if o != "density"]
+    mine = [a for a in _keywords(caller)[0] if a != "self"]
+    name = getattr(caller, "__name__", "the caller")
+    for key in kwargs:
+        if key in options:
+            continue
+        hint = _closest(key, mine + options)
+        others = [n for n, cls in sorted(sparsifiers.SPARSIFIERS.items()) if key in _keywords(cls)[0]]
+        advice = (f"; did you mean {name}'s {hint}=?" if hint in mine else
+                  f"; did you mean {hint}=?" if hint else
+                  f"; {key}= is an option of sparsifier {', '.join(map(repr, others))}" if others else "")
+        raise TypeError(f"{what} takes no keyword argument {key!r}{advice} (its options: "
+                        f"{', '.join(o + '=' for o in options) or 'none'}; {name} takes "
+                        f"{', '.join(a + '=' for a in mine)})")
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -100,13 +169,31 @@ def check_checkpoint(saved: dict[str, Any], group: dist.ProcessGroup | None, den
         raise ValueError(f"state_dict was saved with density {saved.get('density')}, this one has {density}")
 
 
+#: What ``compression_stats()`` returns (``DeftState``, ``GradientSparsifier``): totals over this
+#: rank's sparse steps, every bucket or dtype group summed (warm-up steps are not counted), by key
+#: with its unit; docs/api.md lists them.
+COMPRESSION_STATS = {
+    "steps": "sparse steps (iterations) counted",
+    "selected": "elements this rank proposed (StepStats.selected), summed",
+    "sent": "elements in the global index sets (StepStats.sent), summed",
+    "numel": "elements the steps covered: the gradient's length times the steps",
+    "bytes_sent": "bytes this rank put on the wire (indices and fp32 values), summed",
+    "bytes_received": "bytes it got back (the others' indices and the summed values), summed",
+    "t_select": "seconds of plan and selection, summed (NaN once a step was not timed: CUDA tensors)",
+    "t_comm": "seconds waiting for the collectives, summed (NaN likewise)",
+    "t_other": "seconds of the rest of the steps (error feedback, union, output), summed (NaN likewise)",
+    "density": "sent / numel: the fraction of the elements sent (0.01 = 1%; 0.0 before a sparse step)",
+    "compress_rate": "numel / sent, PowerSGD's name for it (inf before anything was sent)",
+}
+
+
 class CompressionLog:
-    """Running totals of the ``StepStats`` of the sparse steps (warm-up steps are not counted)."""
+    """Running totals of the ``StepStats`` of the sparse steps (warm-up steps are not counted):
+    :data:`COMPRESSION_STATS`."""
 
     def __init__(self) -> None:
         self.steps = 0
-        self.totals = {"selected": 0, "sent": 0, "numel": 0, "bytes_sent": 0, "bytes_received": 0,
-                       "t_select": 0.0, "t_comm": 0.0, "t_other": 0.0}
+        self.totals = {f.name: 0.0 if f.type in (float, "float") else 0 for f in fields(StepStats)}
 
     def record(self, step_stats: list[StepStats]) -> None:
         """Add one sparse step: the stats of each of its sparsifiers (one per bucket or dtype group)."""
@@ -117,7 +204,7 @@ class CompressionLog:
 
     def summary(self) -> dict[str, float]:
         """Totals over every sparse step so far, plus ``density`` (sent / numel) and ``compress_rate``
-        (numel / sent, PowerSGD's name; ``inf`` when nothing was sent)."""
+        (numel / sent, PowerSGD's name; ``inf`` when nothing was sent): :data:`COMPRESSION_STATS`."""
         out: dict[str, float] = dict(self.totals, steps=self.steps)
         out["density"] = out["sent"] / out["numel"] if out["numel"] else 0.0
         out["compress_rate"] = out["numel"] / out["sent"] if out["sent"] else float("inf")

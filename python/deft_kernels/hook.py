@@ -96,7 +96,7 @@ from . import driver
 from ._ddp import DdpModel, registered_on
 from ._engine import BucketState, Engine
 from ._integration import (CompressionLog, SparsifierSpec, check_checkpoint, check_density, check_grad_scaler,
-                           check_group, check_int, check_sparsifier_spec, make_sparsifier, world)
+                           check_group, check_int, check_options, check_sparsifier_spec, make_sparsifier, world)
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["DeftState", "deft_hook", "registered_on"]
@@ -117,7 +117,8 @@ class DeftState:
         sparsifier: a name from ``deft_kernels.sparsifiers.SPARSIFIERS`` ("deft", "topk", "cltk",
             "threshold", "sidco", "micro", "dense") or a factory ``f(density, **sparsifier_kwargs)``
             returning a ``Sparsifier`` (a ``Sparsifier`` subclass is one).
-        density: fraction of each bucket's elements sent per step, in (0, 1].
+        density: fraction of each bucket's elements sent per step, in (0, 1] (0.01 is 1%; 1 sends
+            every element, as ``"dense"`` does, and warns).
         warmup_steps: dense (averaged all-reduce) iterations before sparsification starts, >= 1
             (default 10, as ``GradientSparsifier``'s: the same training whichever of the two runs it;
             at least 1 because DDP rebuilds its buckets after its first iteration, see the module
@@ -161,9 +162,10 @@ class DeftState:
         self._find_unused_given = find_unused_parameters  # None: DDP's
         self.process_group = process_group  # as given; None: DDP's
         self.sparsifier = check_sparsifier_spec(sparsifier)
-        self.density = check_density(density)
+        self.density = check_density(density, self.sparsifier)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
         self.sparsifier_kwargs = dict(sparsifier_kwargs)
+        check_options(self.sparsifier, self.sparsifier_kwargs, DeftState)  # a misspelt DeftState argument named
         make_sparsifier(self.sparsifier, self.density, self.sparsifier_kwargs)  # fail now on bad kwargs
         self.iter = 0
         self.last_stats: dict[int, StepStats] = {}

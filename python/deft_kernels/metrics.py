@@ -80,17 +80,17 @@ DENSITY_BAND = (0.5, 2.0)
 class BucketMetrics:
     """One DDP bucket's figures in one iteration (see the module docstring for each)."""
 
-    bucket: int
-    numel: int
-    bytes_sent: int
-    bytes_received: int
-    density_sent: float
-    t_select: float
-    t_comm: float
-    grad_norm: float
-    residual_norm: float
-    residual_ratio: float
-    bin_imbalance: float
+    bucket: int  # DDP's bucket index
+    numel: int  # elements in the bucket
+    bytes_sent: int  # bytes this rank put on the wire for the bucket (indices and fp32 values)
+    bytes_received: int  # bytes it got back (the other ranks' indices and the summed values)
+    density_sent: float  # fraction of the bucket's elements sent (0.01 = 1%)
+    t_select: float  # seconds: plan and selection (NaN where untimed: CUDA tensors, the warm-up)
+    t_comm: float  # seconds waiting for the collectives (NaN where untimed)
+    grad_norm: float  # L2 norm of this rank's gradient of the bucket, before the exchange
+    residual_norm: float  # L2 norm of the bucket's error-feedback residual after the exchange
+    residual_ratio: float  # residual_norm / grad_norm (a ratio; its band: the module docstring)
+    bin_imbalance: float  # DEFT: the largest worker's selection load over the mean one (1.0: even); else NaN
 
 
 @dataclasses.dataclass
@@ -99,21 +99,21 @@ class StepMetrics:
     concatenation; bin imbalance: of the loads summed over buckets)."""
 
     step: int  # the hook's iteration counter (state.iter) when the iteration began
-    rank: int
-    phase: str  # "warmup" or "sparse"
-    density_asked: float
-    numel: int
-    bytes_sent: int
-    bytes_received: int
-    density_sent: float
-    t_select: float
-    t_comm: float
-    exposed: float
-    grad_norm: float
-    residual_norm: float
-    residual_ratio: float
-    bin_imbalance: float
-    buckets: list[BucketMetrics]
+    rank: int  # this rank in the state's process group
+    phase: str  # "warmup" (dense all-reduce) or "sparse"
+    density_asked: float  # the state's density (a fraction: 0.01 = 1%)
+    numel: int  # elements in all the buckets
+    bytes_sent: int  # bytes this rank put on the wire, summed over the buckets
+    bytes_received: int  # bytes it got back, summed over the buckets
+    density_sent: float  # elements sent / numel over all the buckets (a fraction)
+    t_select: float  # seconds of plan and selection, summed over the buckets (NaN where untimed)
+    t_comm: float  # seconds waiting for the collectives, summed over the buckets (NaN where untimed)
+    exposed: float  # seconds the last bucket's hook call held the end of backward: exchange not overlapped
+    grad_norm: float  # L2 norm of this rank's whole gradient, before the exchange
+    residual_norm: float  # L2 norm of all the residuals after the exchange (NaN in the warm-up)
+    residual_ratio: float  # residual_norm / grad_norm (NaN in the warm-up)
+    bin_imbalance: float  # DEFT: max / mean selection load of the loads summed over the buckets; else NaN
+    buckets: list[BucketMetrics]  # each bucket's figures, in bucket order
 
     #: The per-iteration figures, in the order CSV columns and scalars follow.
     FIGURES = ("numel", "bytes_sent", "bytes_received", "density_asked", "density_sent", "t_select", "t_comm",

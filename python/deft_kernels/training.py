@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from . import driver
 from ._integration import (CompressionLog, SparsifierSpec, check_density, check_grad_scaler, check_group, check_int,
-                           check_checkpoint, check_sparsifier_spec, loss_scale, make_sparsifier, world)
+                           check_checkpoint, check_options, check_sparsifier_spec, loss_scale, make_sparsifier,
+                           world)
 from .sparsifiers.base import Sparsifier, StepStats
 
 __all__ = ["GradientSparsifier"]
@@ -79,7 +80,8 @@ class GradientSparsifier:
             residual and its own budget ``max(1, int(density * group size))``; one dtype is one group.
         sparsifier: a name from ``deft_kernels.sparsifiers.SPARSIFIERS`` or a factory
             ``f(density, **sparsifier_kwargs)`` returning a ``Sparsifier``.
-        density: fraction of the elements sent per step, in (0, 1].
+        density: fraction of the elements sent per step, in (0, 1] (0.01 is 1%; 1 sends every
+            element, as ``"dense"`` does, and warns).
         group: process group; ``None``: the default group (or no communication when
             torch.distributed is not initialised).
         warmup_steps: steps of dense averaged all-reduce before sparsification starts (default 10,
@@ -91,7 +93,8 @@ class GradientSparsifier:
             the scaler skips (a gradient that is not finite) leaves them as they were (see
             ``deft_kernels.DeftState``).
         **sparsifier_kwargs: passed to the sparsifier (``residual_dtype=`` chooses the residual's
-            dtype: by default fp32 for 16-bit gradients).
+            dtype: by default fp32 for 16-bit gradients); a keyword it does not take raises a
+            ``TypeError`` naming the argument it resembles.
 
     A parameter whose ``grad`` is ``None`` at ``step()`` (unused in this iteration on this worker)
     counts as a zero gradient: every worker must enter the collectives with the same layout, and the
@@ -111,7 +114,8 @@ class GradientSparsifier:
         self.grad_scaler = check_grad_scaler(grad_scaler)
         check_group("group", group)
         spec = check_sparsifier_spec(sparsifier)
-        self.density = check_density(density)
+        self.density = check_density(density, spec)
+        check_options(spec, sparsifier_kwargs, GradientSparsifier)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.group = group
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

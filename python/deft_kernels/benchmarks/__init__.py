@@ -8,4 +8,12 @@
   the op benchmarks.
 
 ``python -m deft_kernels.benchmarks`` runs ``deft-bench``.
+
+Every benchmark, ``deft-bench`` and the repository's ``bench/`` scripts, writes its results where
+``--out`` says, by default into :data:`DEFAULT_OUT` of the current directory, which the repository's
+``.gitignore`` lists: a run in a clone never rewrites the committed results under ``bench/results/``,
+which the commands in BENCHMARKS.md regenerate with an explicit ``--out bench/results``.
 """
+
+#: The folder, relative to the current directory, that the benchmarks write into unless told otherwise.
+DEFAULT_OUT = "deft-bench-results"

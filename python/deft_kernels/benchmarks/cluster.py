@@ -484,7 +484,14 @@ def bulk_transfer(cluster: Cluster, nbytes: int, sender: int = 0, receiver: int 
 
 # -- command line ---------------------------------------------------------------------------------------
 
-SUBCOMMANDS = ("run", "torchrun", "check-shaping", "check", "cleanup")
+#: The actions of ``deft-bench cluster ACTION``, a line each for ``--help``; ``run`` when none is named.
+SUBCOMMANDS = {
+    "run": "the default: CMD on every node (-- CMD ...; {rank} {addr} {nodes} {master} {ifname} replaced)",
+    "torchrun": "torchrun on every node, its rendezvous on node 0 (-- train.py ...)",
+    "check-shaping": "measure a bulk TCP transfer between two nodes at each rate against the rate set",
+    "check": "say whether this machine can make a cluster (root, iproute2, namespaces, veth, tc tbf)",
+    "cleanup": "remove every namespace and link of --prefix (what a killed run left behind)",
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -533,9 +540,24 @@ def _positive_float(text: str) -> float:
     return v
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, the description's lines (the list of actions) kept."""
+
+
+def actions_help() -> str:
+    """The actions, a line each, as ``deft-bench cluster --help`` shows them."""
+    width = max(map(len, SUBCOMMANDS))
+    return "\n".join(["actions (deft-bench cluster ACTION --help for an action's options):",
+                      *(f"  {name:<{width}}  {line}" for name, line in SUBCOMMANDS.items())])
+
+
 def build_parser(sub: str) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=f"deft-bench cluster{'' if sub == 'run' else ' ' + sub}",
-                description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if sub == "run":
+        prog, usage = "deft-bench cluster", "%(prog)s [ACTION] [options] [-- CMD ...]"
+        description = f"{__doc__.split(chr(10) * 2)[0]}\n\n{actions_help()}\n\nThe default action's options:"
+    else:
+        prog, usage, description = f"deft-bench cluster {sub}", None, SUBCOMMANDS[sub]
+    p = OneLineParser(prog=prog, usage=usage, description=description, formatter_class=_HelpFormatter)
     p.add_argument("--prefix", type=_prefix_arg, default="dk", help="name prefix of every namespace and link")
     if sub in ("check", "cleanup"):
         return p
@@ -587,6 +609,11 @@ def _check_shaping(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        print(f"deft-bench cluster: error: unknown action {argv[0]!r}: choose from {', '.join(SUBCOMMANDS)} "
+              "(none named: run, whose command follows '--'); deft-bench cluster --help describes them",
+              file=sys.stderr)
+        return 2
     sub = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
     cmd: list[str] = []
     if "--" in argv:

@@ -2,7 +2,7 @@
 PowerSGD and every sparsifier on ``n`` workers, up to thousands, on a network you describe.
 
     deft-bench project [--model resnet50] [--workers 8 16 ... 1024] [--preset eth25 ib400 ...]
-                       [--bandwidth GBPS ... --latency US] [--compute-ms MS] [--out bench/results]
+                       [--bandwidth GBPS ... --latency US] [--compute-ms MS] [--out deft-bench-results]
 
 Two stages, the model of the step in :mod:`~deft_kernels.benchmarks.perf_model`
 (docs/performance_model.md):
@@ -44,7 +44,7 @@ import torch
 
 from .. import driver, planning, sparsifiers
 from ..driver import collectives as collectives_module
-from . import layouts, models
+from . import DEFAULT_OUT, layouts, models
 from . import perf_model as pm
 from .worker_count import calibrated_threshold, machine_info, sparsifier_options
 
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "deft_kernels", "project"),
                    help="where gradients and profiles are cached")
     p.add_argument("--profile-out", default=None, help="also write the profile (the measured inputs) to this JSON")
-    p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="directory for the .txt, .json and .png (bench/results: the committed ones)")
     p.add_argument("--tag", default="", help="suffix of the output files' names (several scenarios of one model)")
     p.add_argument("--no-plot", action="store_true", help="no .png (then matplotlib is not needed)")
     return p

@@ -2,7 +2,7 @@
 baseline, on this machine and a real model's gradients (the DEFT paper's headline measurement).
 
     deft-bench [--model resnet50] [--workers 1 2 4 8 16 32] [--sparsifiers all] [--density 0.01]
-               [--repeats 3] [--device cpu] [--out bench/results] [--seed 0] [--threads 1]
+               [--repeats 3] [--device cpu] [--out deft-bench-results] [--seed 0] [--threads 1]
     python -m deft_kernels.benchmarks ...   (the same; also python -m deft_kernels.bench)
 
 What it does:
@@ -19,6 +19,10 @@ What it does:
    plan sends whole (DEFT's common part), and the residual drops it. Only ``plan`` and ``select``
    are timed, each rank's alone; they never communicate, so their cost does not depend on running
    in one process. Memory: ``n`` residuals of ``N`` elements (ResNet-50, ``n = 32``: 3.0 GB).
+   Top-k, the hard threshold and SIDCo (``RANK_FREE``) select whatever a worker's rank: workers
+   holding the same gradient keep the same residual and select the same indices, so only the
+   ``min(n, P)`` distinct ones are simulated, once for every ``n >= P`` (the table says so): the
+   default run's CPU time fell from 351 s to 119 s on the 2-core machine of BENCHMARKS.md.
 3. Reports per (sparsifier, n), medians over the measured steps:
 
    - **selection time**: the step's critical path of local selection work,
@@ -33,9 +37,10 @@ What it does:
    - **bin imbalance**: max / mean over ranks of the measured select time, and for DEFT of the
      bin-packing model cost as well.
 
-Writes ``worker_count_<model>_<device>.{txt,json,png}`` under ``--out``: the table, every
-measurement with the machine and command line, and the plot (selection time and sent density
-versus n on log axes, with DEFT's ideal ``T(1)/n``).
+Writes ``worker_count_<model>_<device>.{txt,json,png}`` under ``--out`` (default
+``deft-bench-results/`` in the current directory; ``--out bench/results`` rewrites the repository's
+committed files): the table, every measurement with the machine and command line, and the plot
+(selection time and sent density versus n on log axes, with DEFT's ideal ``T(1)/n``).
 
 The progress bar needs tqdm and the plot matplotlib: the ``deft_kernels[bench]`` extra. Without
 them the command stops at once naming the extra (``--no-progress`` and ``--no-plot`` do without);
@@ -56,6 +61,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +70,11 @@ from typing import Any, NoReturn
 import torch
 
 from .. import __version__, driver, planning, sparsifiers
-from . import models
+from . import DEFAULT_OUT, models
+from .cli import modes_help
 
-__all__ = ["main", "build_parser", "parse_args", "run", "Workload", "make_workload", "simulate", "benchable",
+__all__ = ["main", "build_parser", "parse_args", "run", "Workload", "make_workload", "simulate", "simulated_ranks",
+           "for_workers", "benchable", "RANK_FREE",
            "calibrated_threshold", "sparsifier_options", "summarize", "format_table", "plot", "output_stem",
            "BENCH_EXTRA"]
 
@@ -79,6 +87,14 @@ DEFAULT_WORKERS = (1, 2, 4, 8, 16, 32)
 NOT_BENCHED = ("dense",)
 #: DEFT's scaling target (BENCHMARKS.md): T(n) within this factor of T(1)/n for n up to TARGET_MAX_N.
 TARGET_FACTOR, TARGET_MAX_N = 1.25, 16
+#: Sparsifiers whose worker selects from its own accumulated gradient alone, whatever its rank (no
+#: plan, no partition, no leader's work). Workers ``r`` and ``r + P`` that hold the same gradient
+#: (``P = --distinct-gradients``) then keep the same residual and select the same indices at every
+#: step, so ``n > P`` of them are simulated as the ``P`` distinct ones (:func:`simulated_ranks`; the
+#: test suite checks the sent and selected counts against all ``n`` simulated), and that one
+#: simulation serves every ``n >= P`` (:func:`run`). Their selections over the whole gradient and the
+#: union of ``n`` proposals made most of the default run's time.
+RANK_FREE = ("topk", "threshold", "sidco")
 
 
 def benchable() -> list[str]:
@@ -128,9 +144,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, the description's lines (the list of modes) kept."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deft-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="deft-bench", usage="%(prog)s [MODE] [options]", formatter_class=_HelpFormatter,
+                                description=f"{__doc__.split(chr(10) * 2)[0]}\n\n{modes_help()}\n\n"
+                                            "The default mode's options:")
     p.add_argument("--model", default="resnet50",
                    help=f"built-in model ({', '.join(models.names())}) or 'module:factory' (see deft_kernels.benchmarks.models)")
     p.add_argument("--workers", type=_positive_int, nargs="+", default=list(DEFAULT_WORKERS),
@@ -141,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3, help="measured steps per (sparsifier, n); medians reported")
     p.add_argument("--warmup", type=_non_negative_int, default=1, help="unmeasured steps first per (sparsifier, n)")
     p.add_argument("--device", default="cpu", help="device the selection runs on (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--out", default="bench/results", help="directory for the .txt, .json and .png results")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="directory for the .txt, .json and .png results (bench/results: the committed ones)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and batches")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="CPU threads of one simulated worker (torch.set_num_threads); 1 = a core per worker")
@@ -316,11 +338,19 @@ def sparsifier_options(name: str, threshold: float | None) -> dict:
     return {"threshold": threshold}
 
 
+def simulated_ranks(name: str, n: int, distinct: int) -> int:
+    """How many ranks simulate ``n`` workers of sparsifier ``name`` that hold ``distinct`` different
+    gradients: all ``n``, or for a :data:`RANK_FREE` sparsifier the ``min(n, distinct)`` whose
+    gradients differ (worker ``r`` is then simulated rank ``r mod`` that many)."""
+    return min(n, distinct) if name in RANK_FREE else n
+
+
 def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, repeats: int,
              options: dict | None = None, clock: str = "wall", progress=None) -> dict:
     """``warmup + repeats`` steps of ``n`` simulated workers of sparsifier ``name`` (built with
     ``options`` as extra keywords); the measured steps' figures (see the module docstring), one list
-    entry per measured step."""
+    entry per measured step, for the :func:`simulated_ranks` ranks that stand for the ``n`` workers
+    (their times and counts; :func:`for_workers` states them for ``n``)."""
     if not isinstance(work, Workload):
         raise TypeError(f"work must be a Workload (make_workload), got {type(work).__name__}")
     for arg, value, least in (("n", n, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
@@ -336,13 +366,13 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
     def laps(rank: int) -> driver.Laps:  # each rank's own work alone; its waits for the others are not timed
         return driver.Laps(CLOCKS[clock], sync_device=sync, count_waits=False)
 
-    ranks = [sparsifiers.build(name, density, **(options or {})) for _ in range(n)]
+    simulated = simulated_ranks(name, n, len(work.grads))
     shards = min(n, len(work.grads))
-    grads = [work.grads[rank % shards] for rank in range(n)]
-    numel = work.numel
+    ranks = [sparsifiers.build(name, density, **(options or {})) for _ in range(simulated)]
+    grads = [work.grads[rank % shards] for rank in range(simulated)]
     steps: list[dict] = []
     for step in range(warmup + repeats):
-        leader = step % n
+        leader = step % simulated
 
         def keep(rank: int, result: driver.StepResult) -> tuple:  # drops the output: n of them would not fit
             return result.times, result.stats.selected, result.stats.sent, result.plan if rank == leader else None
@@ -355,27 +385,42 @@ def simulate(name: str, density: float, work: Workload, n: int, *, warmup: int, 
             steps.append({
                 "step": step, "leader": leader, "t_plan": t_plan, "t_ranks": t_ranks, "t_select": max(critical),
                 "selected": [r[1] for r in results], "sent": results[0][2], "planned": planned_total(plan),
-                "imbalance_measured": planning.imbalance(t_ranks),
                 "imbalance_model": model_imbalance(plan)})
         if progress is not None:
             progress.update(1)
-    offsets = ranks[0].offsets
     sp = ranks[0]
+    return for_workers({
+        "sparsifier": name, "numel": work.numel, "fragments": int(sp.offsets.numel() - 1),
+        "requested_density": density, "budget": sp.budget(work.numel), "distinct_gradients": len(work.grads),
+        "simulated_ranks": simulated, "steps": steps}, n)
 
-    def med(key):
-        values = [s[key] for s in steps if s[key] is not None]
+
+def for_workers(simulation: dict, n: int) -> dict:
+    """The figures of ``n`` workers from ``simulation`` (a :func:`simulate` result) whose simulated
+    ranks stand for them: worker ``r`` is simulated rank ``r mod simulated_ranks`` (every rank its
+    own worker, unless the sparsifier is :data:`RANK_FREE`). Medians over the measured steps."""
+    ranks = simulation["simulated_ranks"]
+    if simulated_ranks(simulation["sparsifier"], n, simulation["distinct_gradients"]) != ranks:
+        raise ValueError(f"a simulation of {ranks} ranks of {simulation['sparsifier']!r} does not stand for {n} workers")
+    of_worker = [rank % ranks for rank in range(n)]
+    steps, numel = simulation["steps"], simulation["numel"]
+
+    def med(values):
+        values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    sent = med(s["sent"] for s in steps)
     return {
-        "sparsifier": name, "workers": n, "numel": numel, "fragments": int(offsets.numel() - 1),
-        "requested_density": density, "budget": sp.budget(numel), "shards": shards,
-        "t_select_ms": 1e3 * med("t_select"), "t_plan_ms": 1e3 * med("t_plan"),
-        "t_slowest_rank_ms": 1e3 * statistics.median(max(s["t_ranks"]) for s in steps),
-        "selected_per_worker_mean": statistics.median(sum(s["selected"]) / n for s in steps),
-        "selected_per_worker_max": statistics.median(max(s["selected"]) for s in steps),
-        "sent": med("sent"), "density": med("sent") / numel,
-        "planned": med("planned"), "imbalance_measured": med("imbalance_measured"),
-        "imbalance_model": med("imbalance_model"), "steps": steps}
+        **{key: simulation[key] for key in ("sparsifier", "numel", "fragments", "requested_density", "budget",
+                                            "distinct_gradients", "simulated_ranks")},
+        "workers": n, "shards": min(n, simulation["distinct_gradients"]),
+        "t_select_ms": 1e3 * med(s["t_select"] for s in steps), "t_plan_ms": 1e3 * med(s["t_plan"] for s in steps),
+        "t_slowest_rank_ms": 1e3 * med(max(s["t_ranks"]) for s in steps),
+        "selected_per_worker_mean": med(sum(s["selected"][r] for r in of_worker) / n for s in steps),
+        "selected_per_worker_max": med(max(s["selected"]) for s in steps),
+        "sent": sent, "density": sent / numel, "planned": med(s["planned"] for s in steps),
+        "imbalance_measured": med(planning.imbalance([s["t_ranks"][r] for r in of_worker]) for s in steps),
+        "imbalance_model": med(s["imbalance_model"] for s in steps), "steps": steps}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,6 +509,14 @@ def format_table(results: list[dict], config: dict) -> str:
         extra.append(f"{'  without the plan':<22}" + "".join(
             f"{by[('deft', n)]['t_slowest_rank_ms'] / (t1 / n) if ('deft', n) in by else float('nan'):>{width}.2f}"
             for n in ns))
+    reused = [r for r in results if "simulation_of_workers" in r]
+    if reused:
+        ranks = reused[0]["simulated_ranks"]
+        extra.append(textwrap.fill(
+            f"({', '.join(dict.fromkeys(r['sparsifier'] for r in reused))} at n = "
+            f"{', '.join(map(str, sorted({r['workers'] for r in reused})))}: the figures of n = {ranks}, not "
+            f"simulated again: worker r holds the gradient of worker r mod {ranks} and, as these sparsifiers "
+            "select whatever a worker's rank, keeps that worker's residual and selects its indices)", width=100))
     out.append(block("\nselection time per worker, ms (critical path: plan on the leader + slowest rank's select)",
                      lambda v: f"{v:.2f}", "t_select_ms", extra))
     out.append(block("\nplan time on the leader, ms (part of the critical path above)", lambda v: f"{v:.2f}",
@@ -531,6 +584,7 @@ def output_stem(model: str, device: str, clock: str = "wall") -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """The benchmark for parsed arguments; writes the three files and returns the JSON document."""
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
     try:
@@ -555,21 +609,28 @@ def run(args: argparse.Namespace) -> dict:
 
         bar = tqdm(total=len(args.workers) * len(args.sparsifiers) * (args.warmup + args.repeats),
                    desc="deft-bench", unit="step", file=sys.stderr)
-    results = []
+    results: list[dict] = []
     try:
         for n in args.workers:
             for name in args.sparsifiers:
                 if bar is not None:
                     bar.set_postfix_str(f"{name} n={n}")
-                results.append(simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
-                                        options=sparsifier_options(name, threshold), clock=args.clock,
-                                        progress=bar))
+                ranks = simulated_ranks(name, n, args.distinct_gradients)
+                same = next((r for r in results if (r["sparsifier"], r["simulated_ranks"]) == (name, ranks)), None)
+                if same is None:
+                    results.append(simulate(name, args.density, work, n, warmup=args.warmup, repeats=args.repeats,
+                                            options=sparsifier_options(name, threshold), clock=args.clock,
+                                            progress=bar))
+                    continue
+                results.append({**for_workers(same, n), "simulation_of_workers": same["workers"]})
+                if bar is not None:
+                    bar.update(args.warmup + args.repeats)
     finally:
         if bar is not None:
             bar.close()
     machine["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     doc = {"schema": 1, "command": args.command, "machine": machine, "config": config,
-           "summary": summarize(results), "results": results}
+           "summary": summarize(results), "results": results, "seconds": time.perf_counter() - start}
     table = format_table(results, config)
     print(table)
     stem = Path(args.out) / output_stem(args.model, args.device, args.clock)
@@ -583,7 +644,8 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as e:  # noqa: BLE001  (the measurements are written; a picture is not worth losing them)
             print(f"deft-bench: plot skipped ({type(e).__name__}: {e}); the table and the JSON are written",
                   file=sys.stderr)
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {', '.join(written)} ({time.perf_counter() - start:.0f} s in all, the model and its gradients "
+          f"{work.seconds:.0f} s)")
     return doc
 
 

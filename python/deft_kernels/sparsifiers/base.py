@@ -58,20 +58,27 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass
 class StepStats:
-    """What one step on one worker reports. Times are seconds (NaN when the step was not timed:
-    by default a step on CUDA tensors is not, see :func:`deft_kernels.driver.step`)."""
+    """What one sparse step on one worker reports (``DeftState.last_stats``, one per DDP bucket;
+    ``GradientSparsifier.step()``, one per dtype group). Counts are elements, sizes bytes, times
+    seconds of the host clock (NaN when the step was not timed: by default a step on CUDA tensors
+    is not, since reading a timer there waits for the GPU; see :func:`deft_kernels.driver.step`)."""
 
-    selected: int  # indices this worker proposed in select()
-    sent: int  # size of the global index set (after union)
-    numel: int  # N, length of the flat gradient
-    bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements) + fp32 values
-    bytes_received: int  # bytes it got back: the other workers' indices (same width) + the fp32 summed values
-    t_select: float  # plan (if leader) + select
-    t_comm: float  # waiting for the collectives
-    t_other: float  # accumulate, union, unpack and the rest
+    selected: int  # elements this worker proposed: its own selection (its bin for DEFT; 0 on CLT-k's
+    # non-leaders, whose indices come with the plan)
+    sent: int  # elements every worker sent values for: the global index set, the union of the proposals
+    # (with DEFT's common part); sent / numel is the density actually sent
+    numel: int  # elements in the flat gradient this step covered (one DDP bucket, or one dtype group)
+    bytes_sent: int  # bytes this worker put on the wire: its indices (int32 below 2^31 elements, else
+    # int64) and its fp32 values at the global index set
+    bytes_received: int  # bytes it got back: the other workers' indices (same width) and the fp32 summed values
+    t_select: float  # seconds: the plan (on the step's leader) and this worker's selection
+    t_comm: float  # seconds waiting for the collectives
+    t_other: float  # seconds of the rest: error feedback (accumulate), the union, writing the output
 
     @property
     def density(self) -> float:
+        """``sent / numel``: the fraction of the elements sent this step (0.01 = 1%; 0.0 when
+        ``numel`` is 0)."""
         return self.sent / self.numel if self.numel else 0.0
 
 
