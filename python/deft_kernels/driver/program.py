@@ -723,7 +723,10 @@ class _Step:
             parts.append(norms.float())
         parts.append(to_device(block, self.device))
         if self.loss_scale is not None:  # an inf the plan does not send must stop every rank's step too
-            parts.append((~torch.isfinite(self.acc).all()).float().reshape(1) if self.acc is not None
+            # from the fragment norms (a non-finite element makes its fragment's norm so): no N-element
+            # temporaries (torch.isfinite over a took 7 bytes per element); a finite element whose square
+            # overflows fp32 (|a| > 1.8e19) counts as non-finite too, and the step is skipped
+            parts.append((~torch.isfinite(norms).all()).float().reshape(1) if self.acc is not None
                          else self._zeros(1))
         total = yield AllReduce(torch.cat(parts))
         self.laps.waited()
