@@ -232,8 +232,9 @@ def test_wait_idle_is_bounded_by_the_groups_timeout():
 
     fut = queue.submit(program(), torch.device("cpu"))
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match="did not finish within the process group's timeout"):
+    with pytest.raises(TimeoutError, match="did not finish within 0:00:00.3") as raised:
         queue.wait_idle()
+    assert isinstance(raised.value, RuntimeError)  # as torch.distributed's own errors: naming_failures sees it
     assert time.monotonic() - start < 5 and not fut.done()
     later = queue.submit(program(), torch.device("cpu"))
     with pytest.raises(RuntimeError, match="earlier step in this exchange failed"):
@@ -243,6 +244,8 @@ def test_wait_idle_is_bounded_by_the_groups_timeout():
 def test_the_timeout_is_the_groups(world_of_one):
     group = dist.new_group([0], timeout=timedelta(seconds=7))
     assert driver.collectives.group_timeout(group) == timedelta(seconds=7)
+    queue = ExchangeQueue(driver.TorchCollectives(group))
+    assert queue.timeout == timedelta(seconds=7) + driver.collectives.GRACE  # its collectives' own errors first
 
 
 class _FailingLater:

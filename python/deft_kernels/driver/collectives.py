@@ -42,8 +42,9 @@ GPU here (no GPU on the development machine); ``scripts/gpu_check.sh`` runs the 
 API on NCCL (``bench/gpu_integration.py``).
 
 **Bounded waits.** :meth:`ExchangeQueue.wait_idle` waits at most the process group's timeout
-(:func:`group_timeout`), then raises; an exception anywhere in a program's chain (its own, or the
-runner's) reaches that program's future, so DDP raises it from ``backward``.
+(:func:`group_timeout`) and a grace period (a collective that times out raises its own error first,
+naming the peer), then raises :class:`ExchangeTimeout`; an exception anywhere in a program's chain
+(its own, or the runner's) reaches that program's future, so DDP raises it from ``backward``.
 """
 
 from __future__ import annotations
@@ -182,6 +183,14 @@ def run_blocking(program: Program, collectives: TorchCollectives) -> Any:
 
 #: The timeout torch.distributed gives a group that was not given one (its default for gloo and NCCL).
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: How much longer than the group's timeout :meth:`ExchangeQueue.wait_idle` waits: a collective that
+#: times out raises its own error (which names the peer) first; the queue's is the backstop.
+GRACE = timedelta(seconds=5)
+
+
+class ExchangeTimeout(TimeoutError, RuntimeError):
+    """The exchange did not finish within the process group's timeout (and its collectives did not
+    raise): a ``TimeoutError``, and a ``RuntimeError`` like torch.distributed's own errors."""
 
 
 def group_timeout(group: dist.ProcessGroup | None, device: torch.device | None = None) -> timedelta:
@@ -212,13 +221,15 @@ class ExchangeQueue:
     same point and no rank issues a collective that its peers will never join. Whatever raises while
     a program runs, the program's own code or the runner's, ends in that program's future.
 
-    ``timeout``: how long :meth:`wait_idle` waits (default: the group's, :func:`group_timeout`).
+    ``timeout``: how long :meth:`wait_idle` waits (default: the group's, :func:`group_timeout`, plus
+    :data:`GRACE`, so that a collective's own timeout error comes first).
     """
 
     def __init__(self, collectives: TorchCollectives, device: torch.device | None = None,
                  timeout: timedelta | None = None) -> None:
         self.collectives = collectives
-        self.timeout = timeout if timeout is not None else group_timeout(getattr(collectives, "group", None), device)
+        self.timeout = timeout if timeout is not None else \
+            group_timeout(getattr(collectives, "group", None), device) + GRACE
         self.stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         self._lock = threading.Lock()
         self._waiting: deque[tuple[Program, torch.futures.Future]] = deque()
@@ -247,11 +258,12 @@ class ExchangeQueue:
 
     def wait_idle(self) -> None:
         """Block until every submitted program has finished (never call it from a callback), at most
-        :attr:`timeout`; then raise a ``TimeoutError`` (and stop the queue: the ranks can no longer be
-        assumed in step)."""
+        :attr:`timeout`; then raise an :class:`ExchangeTimeout` (and stop the queue: the ranks can no
+        longer be assumed in step)."""
         if not self._idle.wait(self.timeout.total_seconds()):
-            error = TimeoutError(f"the exchange did not finish within the process group's timeout ({self.timeout}): "
-                                 "a peer stopped or the network is down; no further step starts")
+            error = ExchangeTimeout(f"the exchange did not finish within {self.timeout} (the process group's timeout "
+                                    "and a grace period): a peer stopped or the network is down; no further step "
+                                    "starts")
             with self._lock:
                 self.failure = self.failure or error
             raise error
