@@ -30,6 +30,7 @@ selection). Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -182,8 +183,15 @@ def _rank_main(rank: int, args, sizes: list[int], out_dir: str) -> None:
         rows = measure_all(sizes, args, rank)
         if rank == 0:
             Path(out_dir, "rows.json").write_text(json.dumps(rows))
+        # End cleanly (docs/operations.md, step 6): every rank done with gloo, its work released, then
+        # the group destroyed; a CI run aborted a rank here now and then without it.
+        dist.barrier()
+        del rows
+        gc.collect()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # the result is written: skip the interpreter's shutdown, which now and then aborted a rank
 
 
 def measure_ranks(sizes: list[int], args) -> list[dict]:
