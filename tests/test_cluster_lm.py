@@ -266,6 +266,19 @@ def test_summary_targets_allreduce_plus_two_percent_and_keeps_the_latest_launch(
     assert "not reached" in text and "sha256 abababab" in text
 
 
+def test_report_tables_the_calibrations_of_its_folder(tmp_path, capsys):
+    for n, bw, compute, reduce in [(4, "300mbit", 300.0, 600.0), (2, "300mbit", 250.0, 375.0), (2, "1gbit", 250.0, 125.0)]:
+        cfg = {"nodes": n, "bandwidth": bw, "link_goodput_mbps": 280.0, "load_average_start": [1.5, 1, 1],
+               "date": "2026-12-04 19:00:00 UTC"}
+        (tmp_path / f"calibration_n{n}_{bw}_s0.json").write_text(
+            json.dumps({"config": cfg, "runs": [], "compute_ms": compute, "allreduce_alone_ms": reduce}))
+    assert cluster_lm.report(tmp_path, tmp_path / "out") == 0
+    rows = json.loads((tmp_path / "out" / "cluster_lm.json").read_text())["calibration"]
+    assert [(r["nodes"], r["bandwidth"]) for r in rows] == [(2, "300mbit"), (2, "1gbit"), (4, "300mbit")]
+    assert [r["allreduce_over_compute"] for r in rows] == [1.5, 0.5, 2.0]
+    assert "Calibration" in capsys.readouterr().out
+
+
 def test_report_says_when_there_is_nothing(tmp_path, capsys):
     assert cluster_lm.report(tmp_path / "empty", tmp_path / "out") == 1
     assert "no launches" in capsys.readouterr().err
