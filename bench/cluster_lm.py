@@ -51,13 +51,19 @@ DENSITIES = {"1%": 0.01, "0.1%": 0.001}
 # DeftState variants: name -> the options they pass (a plan protocol, once DeftState takes one, is one
 # more entry here: "deft-ahead": {"plan": "ahead"}, "deft-leader": {"plan": "leader"}).
 DEFT_VARIANTS: dict[str, dict] = {"deft": {}}
-METHODS: dict[str, Method] = {
-    "allreduce": Method("allreduce"),
-    **{f"powersgd-r{r}": Method("powersgd", rank=r) for r in (1, 4, 16)},
-    **{f"topk-{d}": Method("topk", density=v) for d, v in DENSITIES.items()},
-    **{f"{name}-{d}": Method("deft", density=v, options=opts) for name, opts in DEFT_VARIANTS.items()
-       for d, v in DENSITIES.items()},
-}
+
+
+def method_table(deft_variants: dict[str, dict]) -> dict[str, Method]:
+    """Every method by name: all-reduce, PowerSGD at ranks 1, 4, 16, Top-k and each DEFT variant at
+    every density of ``DENSITIES`` (``<variant>-<density>``)."""
+    return {"allreduce": Method("allreduce"),
+            **{f"powersgd-r{r}": Method("powersgd", rank=r) for r in (1, 4, 16)},
+            **{f"topk-{d}": Method("topk", density=v) for d, v in DENSITIES.items()},
+            **{f"{name}-{d}": Method("deft", density=v, options=opts) for name, opts in deft_variants.items()
+               for d, v in DENSITIES.items()}}
+
+
+METHODS = method_table(DEFT_VARIANTS)
 TARGET = 0.02  # all-reduce's final validation loss + 2%
 DRY_RUN = {"context": 16, "width": 32, "layers": 1, "heads": 2, "steps": 6, "warmup": 2, "lr_warmup": 2,
            "eval_every": 2, "val_windows": 4}

@@ -190,6 +190,16 @@ def test_method_table_holds_the_issues_methods():
     assert all(m.rejected() is None for m in table.values())
 
 
+def test_a_deft_variant_is_one_entry_and_its_options_reach_deftstate():
+    from deft_kernels import planning
+
+    table = cluster_lm.method_table({"deft-cm": {"cost_model": planning.DEFAULT_COST_MODEL}, "deft-bad": {"cost_model": "x"}})
+    assert {"deft-cm-1%", "deft-cm-0.1%", "deft-bad-1%", "deft-bad-0.1%"} <= set(table)
+    assert table["deft-cm-0.1%"].options == {"cost_model": planning.DEFAULT_COST_MODEL}
+    assert table["deft-cm-1%"].rejected() is None
+    assert "cost_model='x'" in table["deft-bad-1%"].rejected()
+
+
 def test_a_method_whose_option_deftstate_rejects_is_skipped_with_the_reason():
     methods = {"deft-1%": Method("deft", density=0.01), "deft-x": Method("deft", density=0.01, options={"no_such": 1})}
     kept, skipped = cluster_training.split_runnable(methods, ["deft-1%", "deft-x"])
