@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 
 from deft_kernels.benchmarks import DEFAULT_OUT
@@ -67,136 +64,92 @@ def build_model(seed: int):
     return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
+def methods(cfg: dict) -> dict:
+    from cluster_training import Method
+
+    return {"allreduce": Method("allreduce"), "powersgd": Method("powersgd", rank=cfg["powersgd_rank"]),
+            "topk": Method("topk", density=cfg["density"]), "deft": Method("deft", density=cfg["density"])}
+
+
 def train(method: str, cfg: dict, data, rank: int, world: int) -> dict:
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from deft_kernels import DeftState, deft_hook
+    from cluster_training import timed_training
 
     x_train, y_train, x_test, y_test = data
     model = build_model(cfg["seed"])
-    if method == "powersgd":
-        ddp = DDP(model, bucket_cap_mb=10_000)
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=cfg["powersgd_rank"],
-                                            start_powerSGD_iter=cfg["warmup"], random_seed=cfg["seed"])
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    else:
-        ddp = DDP(model)
-        if method in ("topk", "deft"):
-            ddp.register_comm_hook(DeftState(sparsifier=method, density=cfg["density"], warmup_steps=cfg["warmup"]),
-                                   deft_hook)
+    spec = methods(cfg)[method]
+    ddp, state = spec.attach(model, cfg["warmup"], cfg["seed"])
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg["lr"], momentum=0.9)
     batch = cfg["batch"]
     per_rank = batch // world
     steps_per_epoch = len(y_train) // batch
-    curve, step_times, paused, step = [], [], 0.0, 0
+    orders = [torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+              for epoch in range(cfg["epochs"])]
+    numel = sum(p.numel() for p in model.parameters())
 
-    def evaluate(epoch: float, elapsed: float, loss: float | None) -> None:
-        if rank == 0:
-            with torch.no_grad():
-                acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-            curve.append({"step": step, "epoch": epoch, "time_s": elapsed, "test_acc": acc, "train_loss": loss})
+    def step(i: int) -> float:
+        epoch, b = divmod(i, steps_per_epoch)
+        idx = orders[epoch][b * batch + rank * per_rank: b * batch + (rank + 1) * per_rank]
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
+        loss.backward()
+        opt.step()
+        return loss.item()
 
-    dist.barrier()
-    start = time.perf_counter()
-    evaluate(0.0, 0.0, None)
-    losses = []
-    for epoch in range(cfg["epochs"]):
-        order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        for b in range(steps_per_epoch):
-            idx = order[b * batch + rank * per_rank: b * batch + (rank + 1) * per_rank]
-            t = time.perf_counter()
-            opt.zero_grad()
-            loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
-            loss.backward()
-            opt.step()
-            step_times.append(time.perf_counter() - t)
-            losses.append(loss.item())
-            step += 1
-            if step % cfg["eval_every"] == 0 or step == cfg["epochs"] * steps_per_epoch:
-                dist.barrier()
-                pause = time.perf_counter()
-                evaluate(step / steps_per_epoch, pause - start - paused, statistics.mean(losses))
-                losses = []
-                dist.barrier()
-                paused += time.perf_counter() - pause
-    total = time.perf_counter() - start - paused
-    return {"method": method, "curve": curve, "train_time_s": total, "steps": step,
-            "median_step_ms": 1e3 * statistics.median(step_times[cfg["warmup"]:]),
-            "final_acc": curve[-1]["test_acc"] if curve else None}
+    def evaluate(done: int) -> dict:
+        if rank != 0:
+            return {}
+        with torch.no_grad():
+            acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+        return {"epoch": done / steps_per_epoch, "test_acc": acc}
+
+    run = timed_training(step, evaluate, cfg["epochs"] * steps_per_epoch, cfg["eval_every"], cfg["warmup"],
+                         lambda done: spec.exchange_bytes(state, numel, done, cfg["warmup"]))
+    return {"method": method, **run, "final_acc": run["curve"][-1].get("test_acc")}
 
 
-def compute_and_allreduce(cfg: dict, data, rank: int, world: int, repeats: int = 20) -> dict:
-    """The two sides of the ratio that says whether all-reduce is communication-bound: a training
-    step of this rank's batch with no communication, and the all-reduce of the model's gradient
-    alone (medians)."""
+def compute_and_allreduce(cfg: dict, data, rank: int, world: int) -> dict:
+    """A training step of this rank's batch with no communication, and the all-reduce of the
+    model's gradient alone (cluster_training.compute_and_allreduce)."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
+
+    from cluster_training import compute_and_allreduce as measure
 
     x_train, y_train = data[0], data[1]
     model = build_model(cfg["seed"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
     per_rank = cfg["batch"] // world
-    compute, reduce = [], []
-    grad = torch.zeros(sum(p.numel() for p in model.parameters()))
-    for i in range(repeats + 1):
+
+    def step(i: int) -> None:
         idx = torch.arange(i * per_rank, (i + 1) * per_rank) % len(y_train)
-        t = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
         opt.step()
-        compute.append(time.perf_counter() - t)
-    for _ in range(repeats // 4 + 1):
-        dist.barrier()
-        t = time.perf_counter()
-        dist.all_reduce(grad)
-        reduce.append(time.perf_counter() - t)
-    return {"compute_ms": 1e3 * statistics.median(compute[1:]), "allreduce_alone_ms": 1e3 * statistics.median(reduce[1:])}
+
+    return measure(step, sum(p.numel() for p in model.parameters()))
 
 
 def worker(cfg: dict) -> int:
-    import torch
-    import torch.distributed as dist
+    from cluster_training import run_worker
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    rank, world = dist.get_rank(), dist.get_world_size()
     data = load_mnist(cfg["seed"])
-    rows = []
-    for method in cfg["methods"]:
-        rows.append(train(method, cfg, data, rank, world))
-        print(f"rank {rank}: {method} {rows[-1]['train_time_s']:.1f} s, final acc {rows[-1]['final_acc']}",
-              file=sys.stderr, flush=True)
-    ratio = compute_and_allreduce(cfg, data, rank, world)
-    if rank == 0:
-        print("RESULT " + json.dumps({"runs": rows, **ratio}), flush=True)
-    dist.destroy_process_group()
-    return 0
+    return run_worker(cfg, lambda method, rank, world: train(method, cfg, data, rank, world),
+                      lambda rank, world: compute_and_allreduce(cfg, data, rank, world))
 
 
 def launch(args: argparse.Namespace) -> int:
-    from cluster_steps import launch_on_cluster, raw_dir
+    from cluster_steps import raw_dir
+    from cluster_training import launch_to_raw
 
     mnist_path()  # fail now, not in every node
     cfg = {k: getattr(args, k) for k in ("methods", "epochs", "warmup", "density", "powersgd_rank", "batch", "lr",
                                           "seed", "eval_every")}
-    stem = f"mnist_n{args.nodes}_{args.bandwidth}{args.tag}"
     raw = raw_dir(args.out, "cluster_convergence")
-    run = launch_on_cluster(__file__, cfg, args, raw, stem, expect=1)  # rank 0 reports
-    if run is None:
-        return 1
-    out = {"config": run["config"], **run["results"][0]}
-    (raw / f"{stem}.json").write_text(json.dumps(out, indent=1))
-    print(f"{stem}: {out['config']['wall_s']:.0f} s; {raw / stem}.json")
-    return report_rows([out], None)
-
-
-def _time_to(curve: list[dict], target: float) -> float | None:
-    return next((p["time_s"] for p in curve if p["test_acc"] >= target), None)
+    out = launch_to_raw(__file__, cfg, args, raw, f"mnist_n{args.nodes}_{args.bandwidth}{args.tag}")
+    return 1 if out is None else report_rows([out], None)
 
 
 def report_rows(launches: list[dict], out_dir: Path | None) -> int:
@@ -205,6 +158,8 @@ def report_rows(launches: list[dict], out_dir: Path | None) -> int:
              "target = all-reduce's final accuracy - 0.5 points.", "",
              f"{'n':>2} {'bw':>7} {'method':<10}{'final acc':>10}{'train s':>9}{'step ms':>9}{'to target s':>12}"
              f"{'vs all-reduce':>14}"]
+    from cluster_training import time_to
+
     rows = []
     for run in launches:
         cfg = run["config"]
@@ -214,9 +169,10 @@ def report_rows(launches: list[dict], out_dir: Path | None) -> int:
                          f"(compute : all-reduce {run['compute_ms'] / run['allreduce_alone_ms']:.2f})")
         ref = next((r for r in run["runs"] if r["method"] == "allreduce"), None)
         target = ref["final_acc"] - 0.005 if ref else None
-        ref_time = _time_to(ref["curve"], target) if ref else None
+        reached = lambda acc: acc >= target  # noqa: E731
+        ref_time = time_to(ref["curve"], "test_acc", reached) if ref else None
         for r in run["runs"]:
-            t = _time_to(r["curve"], target) if target is not None else None
+            t = time_to(r["curve"], "test_acc", reached) if target is not None else None
             row = {"nodes": cfg["nodes"], "bandwidth": cfg["bandwidth"], "method": r["method"],
                    "final_acc": r["final_acc"], "train_time_s": r["train_time_s"], "median_step_ms": r["median_step_ms"],
                    "target_acc": target, "time_to_target_s": t,
@@ -276,12 +232,9 @@ def _flat(launch: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None):
-    from deft_kernels.benchmarks.cluster import OneLineParser, _nodes_arg, _positive_float, _prefix_arg, _rate_arg
+    from cluster_training import check_launch_args, positive_int
 
-    def positive_int(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        return int(text)
+    from deft_kernels.benchmarks.cluster import OneLineParser, _nodes_arg, _positive_float, _prefix_arg, _rate_arg
 
     p = OneLineParser(prog="cluster_convergence.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -303,14 +256,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches (OUT/cluster_convergence/raw) and "
                    "of the report (bench/results: the committed ones)")
     args = p.parse_args(argv)
-    if args.warmup < 2:
-        p.error(f"--warmup must be >= 2 (PowerSGD's start_powerSGD_iter), got {args.warmup}")
+    check_launch_args(p, args)
     if args.density > 1:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    if args.batch % args.nodes:
-        p.error(f"--batch {args.batch} must be a multiple of --nodes {args.nodes}")
-    if args.bandwidth is None and not args.report and not args.worker:
-        p.error("--bandwidth none: the launches are named by their rate; give one")
     return args
 
 

@@ -240,7 +240,7 @@ def test_a_rank_killed_mid_run_ends_the_run_and_leaves_nothing(clean):
     assert leftovers() == []
 
 
-# -- the cluster benchmarks' own logic (bench/cluster_steps.py, bench/cluster_convergence.py) ----------------
+# -- the cluster benchmarks' own logic (bench/cluster_steps.py, cluster_convergence.py, cluster_lm.py) -------
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -254,6 +254,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     ("cluster_convergence", ["--batch", "63", "--nodes", "2"], "--batch"),
     ("cluster_convergence", ["--methods", "sidco"], "--methods"),
     ("cluster_convergence", ["--bandwidth", "1gb"], "--bandwidth"),
+    ("cluster_convergence", ["--warmup", "1"], "--warmup"),
+    ("cluster_convergence", ["--tag", "a/b"], "--tag"),
+    ("cluster_lm", ["--batch", "15", "--nodes", "2"], "--batch"),
+    ("cluster_lm", ["--warmup", "1"], "--warmup"),
+    ("cluster_lm", ["--warmup", "600", "--steps", "600"], "--warmup"),
+    ("cluster_lm", ["--lr-warmup", "10", "--warmup", "5", "--steps", "10"], "--lr-warmup"),
+    ("cluster_lm", ["--methods", "sidco"], "--methods"),
+    ("cluster_lm", ["--width", "250"], "--width"),
+    ("cluster_lm", ["--steps", "0"], "--steps"),
+    ("cluster_lm", ["--bandwidth", "1gb"], "--bandwidth"),
+    ("cluster_lm", ["--tag", "a/b"], "--tag"),
+    ("cluster_lm", ["--report", "--dry-run"], "--dry-run"),
 ])
 def test_bench_scripts_reject_bad_options_in_one_line(script, argv, option, capsys):
     module = __import__(script)
