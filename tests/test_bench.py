@@ -48,11 +48,17 @@ def test_cli_writes_table_json_and_png(cli_run):
     assert plt.imread(str(stem.with_suffix(".png"))).shape[0] > 100
 
 
-def test_critical_path_is_leader_plan_plus_slowest_select(cli_run):
+def test_critical_path_is_the_protocols(cli_run):
+    """Where a leader plans, its plan plus the slowest select; DEFT one step ahead: the slowest select
+    (every rank plans, from the previous step's norms: off the path), its plan time reported beside."""
     _, doc = cli_run
     for r in doc["results"]:
         for s in r["steps"]:
-            assert s["leader"] == s["step"] % r["workers"]
+            if r["sparsifier"] == "deft":
+                assert s["leader"] is None and not s["plan_on_path"] and s["t_plan"] > 0
+                assert s["t_select"] == pytest.approx(max(s["t_ranks"]))
+                continue
+            assert s["leader"] == s["step"] % r["workers"] and s["plan_on_path"]
             expected = max(t + (s["t_plan"] if rank == s["leader"] else 0.0) for rank, t in enumerate(s["t_ranks"]))
             assert s["t_select"] == pytest.approx(expected)
             assert len(s["selected"]) == r["workers"]
@@ -92,7 +98,7 @@ def test_simulation_of_one_worker_is_the_real_step(name):
     work = bench.make_workload("ncf", distinct=1, seed=0, device="cpu", train_steps=0)
     options = bench.sparsifier_options(name, bench.calibrated_threshold(work.grads[0], 0.01))
     sim = bench.simulate(name, 0.01, work, 1, warmup=0, repeats=3, options=options)
-    sp = sparsifiers.build(name, 0.01, **options)
+    sp = sparsifiers.build(bench.registered(name), 0.01, **options)
     real = [driver.step(sp, work.grads[0], sizes=work.sizes)[1] for _ in range(3)]
     assert [s["sent"] for s in sim["steps"]] == [st.sent for st in real]
     assert [s["selected"][0] for s in sim["steps"]] == [st.selected for st in real]
