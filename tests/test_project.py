@@ -243,6 +243,21 @@ def test_overhead_calibrated_from_sync_runs():
         vp._overhead("-1")
 
 
+def test_validation_reads_each_points_protocol_and_buckets(tmp_path):
+    vp = _validate_projection()
+    # a cluster point's DEFT protocol: its "plan" field, "leader" where the grid's driver had none
+    assert vp.method_of({"method": "deft"}) == "deft-leader"
+    assert vp.method_of({"method": "deft", "plan": "ahead"}) == "deft-ahead"
+    assert vp.method_of({"method": "topk", "plan": "ahead"}) == "topk"
+    with pytest.raises(LookupError, match="plan protocol"):
+        vp.method_of({"method": "deft", "plan": "sometimes"})
+    # DDP's buckets of a launch, from its raw record's compute-only row
+    rows = [{"method": "sync"}, {"method": "compute", "bucket_sizes": [7086090, 4087872]}]
+    (tmp_path / "resnet18_n2_1gbit.json").write_text(json.dumps({"ranks": [{"rows": rows}]}))
+    assert vp.ddp_buckets("resnet18", 2, "1gbit", raw=tmp_path) == [7086090, 4087872]
+    assert vp.ddp_buckets("resnet18", 4, "1gbit", raw=tmp_path) is None
+
+
 # ---- the collectives taken from the driver --------------------------------------------------------
 
 SIZES = [300, 50, 650]  # three tensors; 650 > N / 3 is cut into 3 fragments at n = 3
