@@ -39,7 +39,7 @@ def test_ring_all_reduce_each_protocol():
 
 
 def test_small_all_reduce_takes_ll():
-    # 8 bytes on 2 ranks: ring LL 6.6 + 2 x 5.0 us (nccl-tests#150 measured ~19 us on HDR); the tree
+    # 8 bytes on 2 ranks: ring LL 6.6 + 2 x 5.0 us; the tree
     # LL pays 6.8 + 2 x log2(2) x 5.0 us and a slower bandwidth (0.92 / 3.8 / 2)
     t = pm.candidate_times("all_reduce", 2, 8, NET)
     assert t[("ring", "LL")] == pytest.approx(16.6 * US + 8 / 0.5e9)

@@ -517,17 +517,19 @@ def _plan_length(name: str, density: float, sizes: tuple[int, ...], n: int, opti
     return None if wire is None else wire[0]
 
 
-def check_rules(record: dict, sizes: list[int], density: float, options: dict | None = None) -> list[dict]:
-    """The recorded requests of every measured step against :func:`size_rules` with that step's
-    own union and counts; returns the step's template ``[{request, role, op, itemsize}]`` (widths
-    as the driver sent them). Raises naming the step and request when they differ: the driver's
-    exchange changed and the rules must follow."""
+def check_rules(record: dict, sizes: list[int], density: float, options: dict | None = None,
+                plan: str = "leader") -> list[dict]:
+    """The recorded requests of every measured step against :func:`size_rules` (DEFT's protocol
+    ``plan``: the one the recorded step ran) with that step's own union and counts; returns the
+    step's template ``[{request, role, op, itemsize}]`` (widths as the driver sent them). Raises
+    naming the step and request when they differ: the driver's exchange changed and the rules must
+    follow."""
     name, n = record["sparsifier"], record["workers"]
     plan_len = plan_elements(name, density, sizes, n, options)
     template = None
     for i, step in enumerate(record["steps"]):
         max_count = max(step["counts"])
-        rules = size_rules(name, density, sizes, n, step["union"], max_count, plan_len)
+        rules = size_rules(name, density, sizes, n, step["union"], max_count, plan_len, plan)
         got = [(r["request"], r["wire"]) for r in step["requests"]]
         expected = [(req, elements) for req, _, elements in rules]
         problem = None
