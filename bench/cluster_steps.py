@@ -353,7 +353,9 @@ def launch(args: argparse.Namespace) -> int:
 # -- report ---------------------------------------------------------------------------------------------------
 
 def _label(row: dict) -> str:
-    return row["method"] + (f" {row['density']:.1%}" if row["density"] else "")
+    """``method[plan] density``: a DEFT row of the plan protocol ``plan`` (``DEFT(plan=...)``) names it;
+    rows measured before the protocols existed have none (they ran ``"leader"``)."""
+    return row["method"] + (f"[{row['plan']}]" if row.get("plan") else "") + (f" {row['density']:.1%}" if row["density"] else "")
 
 
 def summarize(run: dict) -> list[dict]:
@@ -372,7 +374,8 @@ def summarize(run: dict) -> list[dict]:
     for label, rs in by_spec.items():
         step = max(r["step_ms"] for r in rs)
         row = {"model": cfg["model"], "nodes": n, "bandwidth": cfg["bandwidth"], "label": label,
-               "method": rs[0]["method"], "density": rs[0]["density"], "numel": rs[0]["numel"], "step_ms": step,
+               "method": rs[0]["method"], "plan": rs[0].get("plan"), "density": rs[0]["density"], "numel": rs[0]["numel"],
+               "step_ms": step,
                "compute_ms": compute, "exposed_ms": step - compute if compute else None,
                "step_over_compute": step / compute if compute else None,
                "sync_ms": sync, "step_over_sync": step / sync if sync else None,

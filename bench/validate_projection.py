@@ -4,6 +4,7 @@ prediction next to the measurement, in one table.
 
     python bench/validate_projection.py [--steps bench/results/cluster_steps.json]
                                         [--calibration bench/results/calibrate_cluster.json]
+                                        [--raw bench/results/cluster_steps/raw]
                                         [--index-bytes 8] [--collective-overhead {none,sync,MS}]
 
 The prediction's inputs, per point:
@@ -22,13 +23,17 @@ The prediction's inputs, per point:
   whose compute-only step is short enough to resolve a millisecond (under ``SYNC_MAX_STEP_MS``:
   NCF's; ResNet-18's steps vary between launches by tens of ms);
 - compute and its backward part: the cluster's compute-only step for that (model, n, bandwidth)
-  (the same DDP step with a hook that returns each bucket unchanged), and DDP's bucket count there;
+  (the same DDP step with a hook that returns each bucket unchanged), and DDP's buckets there (their
+  element counts, ``--bucket-sizes``: the last one's exchange is the step's tail);
+- DEFT's plan protocol: a point's ``plan`` field (``"ahead"`` or ``"leader"``; points measured
+  before ``DEFT(plan=...)`` existed have none and ran ``"leader"``), priced as ``deft-<plan>``;
 - the sizes of each method's collectives and the union at ``n``: the profile of ``deft-bench project``
   (lockstep simulation of the driver on the model's real gradients, this machine);
 - selection: the worker-count benchmark's JSON for that model and density (bench/results/
   worker_count_<model>_cpu.json for d = 1%, bench/results/worker_count_d<density>/ otherwise);
-- overlap: the fraction of the exchange hidden behind backward measured by bench/overlap.py
-  (bench/results/overlap_deft_cpu.json), the same for every method (``--overlap`` overrides);
+- overlap: the fraction of the exchange (but the last bucket's) hidden behind backward measured by
+  bench/overlap.py (bench/results/overlap_deft_cpu.json) for the DEFT hook on gloo, the same for
+  every method (``--overlap`` overrides);
 - contention: the worker-count JSON times a rank with a core to itself; the cluster's ``n`` ranks
   share this machine's cores, so the local work is scaled by ``max(1, n / cores)``.
 
@@ -60,6 +65,7 @@ SYNC_MAX_STEP_MS = 100.0
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 SPARSIFIERS = ("deft", "topk", "cltk", "micro")  # those bench/cluster_steps.py runs
 METHODS = {"allreduce", "powersgd", *SPARSIFIERS}
+DEFT_PLANS = ("ahead", "leader")
 
 
 def _overhead(text: str) -> str | float:
@@ -81,14 +87,26 @@ def selection_json(model: str, density: float) -> Path | None:
     return None
 
 
-def ddp_buckets(model: str, nodes: int, bandwidth: str) -> int | None:
-    """DDP's bucket count in that launch, from the raw record of its compute-only run."""
-    for path in sorted((RESULTS / "cluster_steps" / "raw").glob(f"{model}_n{nodes}_{bandwidth}*.json")):
+def ddp_buckets(model: str, nodes: int, bandwidth: str, raw: Path | None = None) -> list[int] | None:
+    """DDP's buckets in that launch (elements each, in the order they became ready), from the raw
+    record of its compute-only run."""
+    for path in sorted((raw or RESULTS / "cluster_steps" / "raw").glob(f"{model}_n{nodes}_{bandwidth}*.json")):
         for rank in json.loads(path.read_text())["ranks"]:
             for row in rank["rows"]:
-                if row["method"] == "compute" and row.get("buckets"):
-                    return row["buckets"]
+                if row["method"] == "compute" and row.get("bucket_sizes"):
+                    return row["bucket_sizes"]
     return None
+
+
+def method_of(row: dict) -> str:
+    """The projection's method for a measured point: DEFT by its plan protocol (``plan``, "leader"
+    where the point has none: the driver before DEFT(plan=...))."""
+    if row["method"] != "deft":
+        return row["method"]
+    plan = row.get("plan") or "leader"
+    if plan not in DEFT_PLANS:
+        raise LookupError(f"unknown DEFT plan protocol {plan!r}")
+    return f"deft-{plan}"
 
 
 def sync_overhead(steps: list[dict], fits: dict, max_step_ms: float = SYNC_MAX_STEP_MS) -> tuple[dict[int, float], list[dict]]:
@@ -126,14 +144,15 @@ def predict(row: dict, compute: dict, fit: dict, overlap: float, cache_dir: str 
     from deft_kernels.benchmarks import perf_model as pm
     from deft_kernels.benchmarks import project
 
-    method, n, model = row["method"], row["nodes"], row["model"]
+    method, n, model = method_of(row), row["nodes"], row["model"]
     density = row["density"] or 0.01
     sel = selection_json(model, density) if method not in ("allreduce", "powersgd") else None
+    buckets = ["--bucket-sizes", *map(str, compute["buckets"])] if compute.get("buckets") else ["--buckets", "1"]
     argv = ["--model", model, "--density", f"{density:g}", "--workers", str(n), "--bandwidth", "1",
             "--sim-workers", "1", "2", "4", "--distinct-gradients", "4", "--no-plot",
             "--compute-ms", f"{compute['step_ms']:.6f}",
             "--backward-fraction", f"{compute['backward_ms'] / compute['step_ms']:.6f}",
-            "--overlap", f"{overlap:.6f}", "--buckets", str(compute.get("buckets") or 1),
+            "--overlap", f"{overlap:.6f}", *buckets, "--deft-plan", *DEFT_PLANS,
             # the worker-count JSON times a rank with a core to itself; on the cluster n ranks share the cores
             "--selection-scale", f"{max(1.0, n / CORES):g}",
             "--sparsifiers", *SPARSIFIERS,  # one profile per (model, density), whatever the method
@@ -144,6 +163,7 @@ def predict(row: dict, compute: dict, fit: dict, overlap: float, cache_dir: str 
         argv += ["--cache-dir", cache_dir]
     args = project.parse_args(argv)
     args.networks = [pm.Network(pm.Link(fit["alpha_s"], fit["bandwidth_Bps"]), name="calibrated", library="gloo")]
+    args.selection_source = str(sel) if sel else "none"
     profile = project.build_profile(args, log=lambda msg: print(f"validate: {msg}", file=sys.stderr))
     doc = project.project(args, profile, json.loads(sel.read_text()) if sel else None)
     point = next((p for p in doc["points"] if p["method"] == method), None)
@@ -156,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", default=str(RESULTS / "cluster_steps.json"))
     p.add_argument("--calibration", default=str(RESULTS / "calibrate_cluster.json"))
+    p.add_argument("--raw", default=str(RESULTS / "cluster_steps" / "raw"),
+                   help="the launches' raw records (DDP's buckets of each launch are read there)")
     p.add_argument("--overlap", type=float, default=None,
                    help="hidden fraction of the exchange (default: bench/results/overlap_deft_cpu.json)")
     p.add_argument("--cache-dir", default=None, help="deft-bench project's cache (default: its own)")
@@ -200,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         elif r["nodes"] not in overhead:
             why = f"no sync run at n = {r['nodes']} to calibrate the overhead"
         if why is None:
-            c = {**compute[key], "buckets": ddp_buckets(*key)}
+            c = {**compute[key], "buckets": ddp_buckets(*key, raw=Path(args.raw))}
             try:
                 point = predict(r, c, fits[r["bandwidth"]], overlap, args.cache_dir, args.index_bytes, overhead[r["nodes"]])
             except LookupError as e:
@@ -211,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         measured_iso = r.get("exchange_iso_ms")
         predicted_iso = point["selection_ms"] + point["exchange_ms"]
         rows.append({"model": r["model"], "nodes": r["nodes"], "bandwidth": r["bandwidth"], "label": r["label"],
+                     "method": method_of(r),
                      "measured_step_ms": r["step_ms"], "predicted_step_ms": point["step_ms"],
                      "step_ratio": point["step_ms"] / r["step_ms"],
                      "measured_exposed_ms": r["exposed_ms"], "predicted_exposed_ms": point["exposed_ms"],

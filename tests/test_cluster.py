@@ -305,6 +305,12 @@ def test_cluster_steps_summary_takes_the_slowest_rank_and_the_ring_model():
     assert deft["wire_model_mb"] == pytest.approx((3 * 8 * 6 + 1.5 * 4 * 10) / 1e6)
     assert rows["allreduce"]["wire_model_mb"] == pytest.approx(1.5 * 4000 / 1e6)
     assert rows["allreduce"]["compute_over_allreduce"] == pytest.approx(103.0 / 53.0)
+    assert deft["plan"] is None  # measured before DEFT(plan=...): the leader's step
+    # a DEFT row that names its plan protocol keeps it, apart from the others, for validate_projection
+    for rank in run["ranks"]:
+        rank["rows"].append({**next(r for r in rank["rows"] if r["method"] == "deft"), "plan": "ahead"})
+    rows = {r["label"]: r for r in cluster_steps.summarize(run)}
+    assert rows["deft[ahead] 1.0%"]["plan"] == "ahead" and rows["deft 1.0%"]["plan"] is None
 
 
 def test_cluster_steps_report_reads_the_raw_folder_it_is_given(tmp_path, capsys):
