@@ -5,7 +5,7 @@ of them off (the model before issue 25: flat 10 us per step, the cheaper of tree
 broadcast, ring-only all-gather, an underated tree, every method overlapped, no tail), and with the
 bus efficiency falling with the node count as nccl-tests#169 measured on RoCE.
 
-    python bench/projection_sensitivity.py [--out bench/results] [--cache-dir DIR]
+    python bench/projection_sensitivity.py [--out deft-bench-results] [--cache-dir DIR]
 
 The scenarios are BENCHMARKS.md's: ResNet-50 on the ImageNet layout with a V100's 213 ms step at
 25 Gb/s, GPT-2 small with an A100's 284 ms step at 100 Gb/s, selection free (--selection-scale 0),
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from deft_kernels.benchmarks import DEFAULT_OUT
+
 SCENARIOS = {
     "ResNet-50, V100, 25 Gb/s": ["--model", "resnet50", "--layout", "resnet50_imagenet", "--compute-ms", "213",
                                  "--bandwidth", "25"],
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from deft_kernels.benchmarks import project
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder of the outputs (bench/results: the committed ones)")
     p.add_argument("--cache-dir", default=None, help="deft-bench project's cache (default: its own)")
     args = p.parse_args(argv)
     log = lambda msg: print(f"sensitivity: {msg}", file=sys.stderr)  # noqa: E731
