@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from deft_kernels import driver, reference
-from deft_kernels.driver import (AllGather, AllReduce, Broadcast, ExchangeQueue, GatherProposals, run_lockstep,
+from deft_kernels.driver import (AllGather, AllReduce, Broadcast, ExchangeQueue, run_lockstep,
                                  step_program)
 from deft_kernels.sparsifiers import SPARSIFIERS, build
 from deft_kernels.transfer import HOST_READS, to_host
+
+from programs import watch
 
 SIZES = [300, 40, 500, 7, 1]
 #: Every step shape: the registered sparsifiers (DEFT with its default plan, one step ahead) and DEFT
@@ -40,26 +42,6 @@ def _grad(rank: int, step: int, dtype=torch.float32) -> torch.Tensor:
 
 def _ranks(name: str, n: int, density: float = 0.05) -> list:
     return [_build(name, density) for _ in range(n)]
-
-
-def _watch(program, log: list):
-    """The program, also appending ``(kind, dtype, shape)`` of every request it makes and the host
-    reads of each stretch of its own work."""
-    value = None
-    while True:
-        before = HOST_READS.count
-        try:
-            request = program.send(value)
-        except StopIteration as stop:
-            log.append(("reads", HOST_READS.count - before))
-            return stop.value
-        except Exception:
-            log.append(("reads", HOST_READS.count - before))
-            raise
-        log.append(("reads", HOST_READS.count - before))
-        tensor = request.mine if isinstance(request, GatherProposals) else request.tensor
-        log.append((type(request).__name__, tensor.dtype, tuple(tensor.shape)))
-        value = yield request
 
 
 def _catching(program):
@@ -113,7 +95,7 @@ def test_collectives_and_host_reads_per_step(name, n):
     ranks = _ranks(name, n)
     for step in range(3):
         logs = [[] for _ in range(n)]
-        _run(ranks, [_grad(r, step) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+        _run(ranks, [_grad(r, step) for r in range(n)], wrap=lambda r, p: watch(p, logs[r]))
         kinds = [[e[0] for e in log if e[0] != "reads"] for log in logs]
         reads = [sum(e[1] for e in log if e[0] == "reads") for log in logs]
         expect = (["AllGather", *FIRST.get(name, [])] if step == 0 else []) + COLLECTIVES[name]
@@ -132,7 +114,7 @@ def test_deft_plan_travels_as_one_int64_tensor_of_a_size_known_in_advance():
     ranks = _ranks("deft_leader", n)
     _run(ranks, [_grad(r, 0) for r in range(n)])
     logs = [[] for _ in range(n)]
-    _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+    _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: watch(p, logs[r]))
     fragments = ranks[0].offsets.numel() - 1
     for log in logs:
         (broadcast,) = [e for e in log if e[0] == "Broadcast"]
@@ -478,7 +460,7 @@ def test_proposals_travel_as_int32_below_2_to_the_31_elements():
     ranks = _ranks("topk", n)
     _run(ranks, [_grad(r, 0) for r in range(n)])
     logs = [[] for _ in range(n)]
-    results = _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: _watch(p, logs[r]))
+    results = _run(ranks, [_grad(r, 1) for r in range(n)], wrap=lambda r, p: watch(p, logs[r]))
     for log, res in zip(logs, results):
         (gather,) = [e for e in log if e[0] == "GatherProposals"]
         assert gather[1] == torch.int32
@@ -509,7 +491,7 @@ def test_warm_up_mean_all_reduces_fp32_in_place(dtype, in_place):
         assert torch.equal(res.out, expect) and res.out is t  # 16-bit: through an fp32 copy, back into t
     allreduced = []
 
-    def watch(program):
+    def record(program):
         request = next(program)
         allreduced.append(request.tensor)
         try:
@@ -518,7 +500,7 @@ def test_warm_up_mean_all_reduces_fp32_in_place(dtype, in_place):
             pass
 
     t = tensors[0].clone()
-    watch(driver.mean_program(t, world_size=2, in_place=True))
+    record(driver.mean_program(t, world_size=2, in_place=True))
     assert (allreduced[0] is t) == in_place
 
 

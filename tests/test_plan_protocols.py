@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from deft_kernels import driver, planning, reference
-from deft_kernels.driver import AllGather, AllReduce, GatherProposals, run_lockstep, step_program
+from deft_kernels.driver import AllGather, GatherProposals, run_lockstep, step_program
 from deft_kernels.sparsifiers import build
-from deft_kernels.transfer import HOST_READS
 
 DATA = Path(__file__).parent / "data"
 
@@ -30,6 +29,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, str(DATA))
 import record_leader_cases as recorded  # noqa: E402
+from programs import watch  # noqa: E402
 
 
 # ---- the paper's protocol selects what it selected before ----
@@ -72,30 +72,12 @@ def _grad(rank: int, step: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(7919 * rank + step)).to(dtype)
 
 
-def _watch(program, log: list):
-    """The program, appending each request's kind and the to_host reads of each stretch of its work."""
-    value = None
-    while True:
-        before = HOST_READS.count
-        try:
-            request = program.send(value)
-        except StopIteration as stop:
-            log.append(("reads", HOST_READS.count - before))
-            return stop.value
-        log.append(("reads", HOST_READS.count - before))
-        if isinstance(request, GatherProposals):  # on the wire: padded to the longest proposal
-            log.append(("GatherProposals", request.mine.dtype, (max(request.counts),)))
-        else:
-            log.append((type(request).__name__, request.tensor.dtype, tuple(request.tensor.shape)))
-        value = yield request
-
-
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_two_collectives_per_step_and_no_host_read_after_the_first(n):
     ranks = [build("deft", 0.05) for _ in range(n)]
     for step in range(4):
         logs = [[] for _ in range(n)]
-        run_lockstep([_watch(step_program(sp, _grad(r, step), sizes=SIZES, rank=r, world_size=n), logs[r])
+        run_lockstep([watch(step_program(sp, _grad(r, step), sizes=SIZES, rank=r, world_size=n), logs[r], padded=True)
                       for r, sp in enumerate(ranks)])
         for log in logs:
             kinds = [e[0] for e in log if e[0] != "reads"]
@@ -115,7 +97,7 @@ def test_the_wire_description_is_what_the_step_sends():
     ranks = [build("deft", 0.05) for _ in range(n)]
     for step in range(3):
         logs = [[] for _ in range(n)]
-        results = run_lockstep([_watch(step_program(sp, _grad(r, step), sizes=SIZES, rank=r, world_size=n), logs[r])
+        results = run_lockstep([watch(step_program(sp, _grad(r, step), sizes=SIZES, rank=r, world_size=n), logs[r], padded=True)
                                 for r, sp in enumerate(ranks)])
         sp = ranks[0]
         counts = [r.selected.numel() for r in results]
