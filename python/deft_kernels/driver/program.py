@@ -737,7 +737,7 @@ class _Step:
             sp.pending = _Pending(to_host_later(tail), self.fragments, n, self.step, self.code, self.error)
             start = self.fragments + n
             users = tail[start:start + tensors] if self.used is not None else None
-            skipped = None if self.loss_scale is None else (tail[-1] > 0) | ~torch.isfinite(vals).all()
+            skipped = False if self.loss_scale is None else (tail[-1] > 0) | ~torch.isfinite(vals).all()
             return vals, users, skipped
         reads = [tail] if self.loss_scale is None else [tail, torch.isfinite(vals).all()]
         status, *finite = to_host(*reads)
