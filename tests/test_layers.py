@@ -26,7 +26,7 @@ LAYERS = {
     0: ("_C", "_checks", "ops", "reference", "planning", "transfer", "triton_ops"),
     1: ("sparsifiers",),
     2: ("driver",),
-    3: ("_integration", "hook", "training", "simulate", "benchmarks", "bench", "__init__"),
+    3: ("_integration", "_ddp", "_engine", "hook", "training", "simulate", "benchmarks", "bench", "__init__"),
 }
 
 
