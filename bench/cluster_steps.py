@@ -34,9 +34,9 @@ per step (at the last bucket): the ranks then wait for each other once a step, a
 synchronous exchange, which on a shared machine costs the spread of the ranks' step times. Exposed
 communication = step - compute. CPU time per step (``time.process_time``, all threads of the rank's
 process) tells work from waiting.
-Raw results (per-rank JSON and every node's output) go to OUT/cluster_steps/raw/; ``--report``
-writes OUT/cluster_steps.{txt,json,png}; ``--out`` (OUT) is deft-bench-results by default, and
-bench/results for the committed files (bench/cluster_all.sh).
+Raw results (per-rank JSON and every node's output) go to ``--raw`` (default OUT/cluster_steps/raw/);
+``--report`` reads that folder and writes OUT/cluster_steps.{txt,json,png}; ``--out`` (OUT) is
+deft-bench-results by default, and bench/results for the committed files (bench/cluster_all.sh).
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def launch(args: argparse.Namespace) -> int:
            "warmup": args.warmup, "steps": args.steps, "rounds": min(args.rounds, args.steps),
            "bucket_cap_mb": args.bucket_cap_mb, "seed": args.seed, "pg_timeout": args.pg_timeout}
     stem = f"{args.model}_n{args.nodes}_{args.bandwidth}{args.tag}"
-    raw = raw_dir(args.out)
+    raw = Path(args.raw)
     load = os.getloadavg()
     run = launch_on_cluster(__file__, cfg, args, raw, stem, expect=args.nodes)
     if run is None:
@@ -575,8 +575,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds before the launch is killed")
     p.add_argument("--pg-timeout", type=int, default=120, help="process group timeout (s)")
     p.add_argument("--tag", default="", help="suffix of the raw result's name")
-    p.add_argument("--raw", default=None, help="--report: the folder of raw launches to summarise "
-                   "(default: OUT/cluster_steps/raw)")
+    p.add_argument("--raw", default=None, help="the folder of raw launches: a launch writes there, --report "
+                   "summarises it (default: OUT/cluster_steps/raw)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches and of the report "
                    "(bench/results: the committed ones)")
     args = p.parse_args(argv)
@@ -590,6 +590,7 @@ def parse_args(argv: list[str] | None):
         p.error("--bandwidth none: the launches are named by their rate; give one")
     if not re.fullmatch(r"[\w.-]*", args.tag):
         p.error(f"--tag must be letters, digits, '_', '.', '-', got {args.tag!r}")
+    args.raw = args.raw or str(raw_dir(args.out))
     return args
 
 
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        return report(Path(args.out), Path(args.raw) if args.raw else raw_dir(args.out))
+        return report(Path(args.out), Path(args.raw))
     return launch(args)
 
 
