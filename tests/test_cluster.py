@@ -346,6 +346,17 @@ def test_cluster_steps_tables_the_leader_protocol_beside_the_default():
     assert cells[-2:] == [f"{131.0 / 101.0:.2f}", f"{121.0 / 101.0:.2f}"]
 
 
+def test_cluster_convergence_runs_both_deft_protocols_by_default():
+    import cluster_convergence
+
+    args = cluster_convergence.parse_args(["--out", "o"])
+    assert {"deft", "deft-leader"} <= set(args.methods) and args.raw == str(Path("o", "cluster_convergence", "raw"))
+    table = cluster_convergence.methods({"powersgd_rank": 4, "density": 0.01})
+    assert table["deft-leader"].options == {"plan": "leader"} and table["deft"].options == {}
+    assert table["deft-leader"].kind == table["deft"].kind == "deft"
+    assert all(m.rejected() is None for m in table.values())
+
+
 def test_cluster_steps_report_reads_the_raw_folder_it_is_given(tmp_path, capsys):
     import cluster_steps
 
