@@ -10,14 +10,16 @@ not imported). A fixed split: 4,000 to train, 1,000 held out. Model: an MLP 784-
 (1,863,690 parameters), pixels / 255, global batch 64 split over the nodes, SGD (lr 0.1, momentum 0.9),
 ``--epochs`` epochs (default 15). Every method is dense for the first ``--warmup`` steps (DEFT's
 ``warmup_steps``, PowerSGD's ``start_powerSGD_iter``). PowerSGD: rank ``--powersgd-rank`` (4), one
-bucket (it aborts on gloo with several). Top-k and DEFT: density ``--density`` (1%).
+bucket (it aborts on gloo with several). Top-k and DEFT: density ``--density`` (1%); ``deft`` is
+DEFT's default (the plan one step ahead), ``deft-leader`` DEFT with ``plan="leader"`` (the paper's
+protocol).
 
 The clock is the training time of rank 0: every ``--eval-every`` steps the ranks meet, rank 0
 measures the held-out accuracy, and that pause is left out of the clock. With the default sizes,
 all-reduce is communication-bound at 1 Gb/s (its exchange takes several times the compute step: the
-table gives both). Raw results: OUT/cluster_convergence/raw/; ``--report`` writes
-OUT/cluster_convergence.{txt,json,png}; ``--out`` (OUT) is deft-bench-results by default, and
-bench/results for the committed files (bench/cluster_all.sh).
+table gives both). Raw results: ``--raw`` (default OUT/cluster_convergence/raw/); ``--report`` reads
+that folder and writes OUT/cluster_convergence.{txt,json,png}; ``--out`` (OUT) is deft-bench-results
+by default, and bench/results for the committed files (bench/cluster_all.sh).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from deft_kernels.benchmarks import DEFAULT_OUT
 
-METHODS = ["allreduce", "powersgd", "topk", "deft"]
+METHODS = ["allreduce", "powersgd", "topk", "deft", "deft-leader"]
 DATA = "mnist_5k.csv.gz"
 
 
@@ -68,7 +70,8 @@ def methods(cfg: dict) -> dict:
     from cluster_training import Method
 
     return {"allreduce": Method("allreduce"), "powersgd": Method("powersgd", rank=cfg["powersgd_rank"]),
-            "topk": Method("topk", density=cfg["density"]), "deft": Method("deft", density=cfg["density"])}
+            "topk": Method("topk", density=cfg["density"]), "deft": Method("deft", density=cfg["density"]),
+            "deft-leader": Method("deft", density=cfg["density"], options={"plan": "leader"})}
 
 
 def train(method: str, cfg: dict, data, rank: int, world: int) -> dict:
@@ -141,14 +144,12 @@ def worker(cfg: dict) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    from cluster_steps import raw_dir
     from cluster_training import launch_to_raw
 
     mnist_path()  # fail now, not in every node
     cfg = {k: getattr(args, k) for k in ("methods", "epochs", "warmup", "density", "powersgd_rank", "batch", "lr",
                                           "seed", "eval_every")}
-    raw = raw_dir(args.out, "cluster_convergence")
-    out = launch_to_raw(__file__, cfg, args, raw, f"mnist_n{args.nodes}_{args.bandwidth}{args.tag}")
+    out = launch_to_raw(__file__, cfg, args, Path(args.raw), f"mnist_n{args.nodes}_{args.bandwidth}{args.tag}")
     return 1 if out is None else report_rows([out], None)
 
 
@@ -156,7 +157,7 @@ def report_rows(launches: list[dict], out_dir: Path | None) -> int:
     lines = ["Time to accuracy on the emulated cluster (bench/cluster_convergence.py): MNIST 5k (4,000 train,",
              "1,000 held out), MLP 784-1024-1024-10; time = rank 0's training time (evaluations left out);",
              "target = all-reduce's final accuracy - 0.5 points.", "",
-             f"{'n':>2} {'bw':>7} {'method':<10}{'final acc':>10}{'train s':>9}{'step ms':>9}{'to target s':>12}"
+             f"{'n':>2} {'bw':>7} {'method':<12}{'final acc':>10}{'train s':>9}{'step ms':>9}{'to target s':>12}"
              f"{'vs all-reduce':>14}"]
     from cluster_training import time_to
 
@@ -178,7 +179,7 @@ def report_rows(launches: list[dict], out_dir: Path | None) -> int:
                    "target_acc": target, "time_to_target_s": t,
                    "speedup_to_target": ref_time / t if t and ref_time else None}
             rows.append(row)
-            lines.append(f"{row['nodes']:>2} {row['bandwidth']:>7} {row['method']:<10}{100 * row['final_acc']:>9.2f}%"
+            lines.append(f"{row['nodes']:>2} {row['bandwidth']:>7} {row['method']:<12}{100 * row['final_acc']:>9.2f}%"
                          f"{row['train_time_s']:>9.1f}{row['median_step_ms']:>9.1f}"
                          f"{t if t is not None else float('nan'):>12.1f}"
                          f"{row['speedup_to_target'] or float('nan'):>13.2f}x")
@@ -202,13 +203,14 @@ def plot(launches: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(launches), figsize=(5 * len(launches), 3.8), squeeze=False)
-    colors = {"allreduce": "tab:red", "powersgd": "tab:green", "topk": "tab:orange", "deft": "tab:blue"}
+    colors = {"allreduce": "tab:red", "powersgd": "tab:green", "topk": "tab:orange", "deft": "tab:blue",
+              "deft-leader": "tab:purple"}
     for ax, run in zip(axes[0], launches):
         cfg = run["config"]
         for r in run["runs"]:
             pts = [(p["time_s"], 100 * p["test_acc"]) for p in r["curve"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r["method"], color=colors.get(r["method"]),
-                    lw=2.5 if r["method"] == "deft" else 1.5)
+                    lw=2.5 if r["method"].startswith("deft") else 1.5)
         ref = next((r for r in run["runs"] if r["method"] == "allreduce"), None)
         if ref:
             ax.axhline(100 * ref["final_acc"] - 0.5, color="grey", ls=":", lw=1, label="target")
@@ -232,6 +234,7 @@ def _flat(launch: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None):
+    from cluster_steps import raw_dir
     from cluster_training import check_launch_args, positive_int
 
     from deft_kernels.benchmarks.cluster import OneLineParser, _nodes_arg, _positive_float, _prefix_arg, _rate_arg
@@ -253,10 +256,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--prefix", type=_prefix_arg, default="dkc")
     p.add_argument("--timeout", type=_positive_float, default=900.0)
     p.add_argument("--tag", default="")
+    p.add_argument("--raw", default=None, help="the folder of raw launches: a launch writes there, --report "
+                   "summarises it (default: OUT/cluster_convergence/raw)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches (OUT/cluster_convergence/raw) and "
                    "of the report (bench/results: the committed ones)")
     args = p.parse_args(argv)
     check_launch_args(p, args)
+    args.raw = args.raw or str(raw_dir(args.out, "cluster_convergence"))
     if args.density > 1:
         p.error(f"--density must be in (0, 1], got {args.density}")
     return args
@@ -267,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        from cluster_steps import raw_dir
-
-        raw = raw_dir(args.out, "cluster_convergence")
+        raw = Path(args.raw)
         launches = [_flat(json.loads(p.read_text())) for p in sorted(raw.glob("*.json"))]
         if not launches:
             print(f"cluster_convergence: no launches in {raw}; run one first", file=sys.stderr)

@@ -5,6 +5,10 @@ thread each, multi-node torchrun over links shaped to a set bandwidth.
     python bench/cluster_steps.py --model resnet18 --nodes 2 --bandwidth 1gbit   # one launch (needs root)
     python bench/cluster_steps.py --report                                        # table, JSON, plot of all launches
 
+A sparse method is ``NAME:DENSITY``: ``topk``, ``cltk``, ``micro``, ``deft`` (DEFT's default, the
+plan one step ahead) or ``deft-leader`` (DEFT with ``plan="leader"``, the paper's protocol;
+``VARIANTS``), e.g. ``--methods compute sync allreduce deft-leader:0.01 deft:0.01``.
+
 One launch is one (model, n, bandwidth): one torchrun on every node, in which every method has its own
 DDP model built from the same seed and fed the same batches (``--warmup`` unmeasured steps each); the
 ``--steps`` timed steps are taken in ``--rounds`` rounds, every method taking its turn in each round,
@@ -30,9 +34,9 @@ per step (at the last bucket): the ranks then wait for each other once a step, a
 synchronous exchange, which on a shared machine costs the spread of the ranks' step times. Exposed
 communication = step - compute. CPU time per step (``time.process_time``, all threads of the rank's
 process) tells work from waiting.
-Raw results (per-rank JSON and every node's output) go to OUT/cluster_steps/raw/; ``--report``
-writes OUT/cluster_steps.{txt,json,png}; ``--out`` (OUT) is deft-bench-results by default, and
-bench/results for the committed files (bench/cluster_all.sh).
+Raw results (per-rank JSON and every node's output) go to ``--raw`` (default OUT/cluster_steps/raw/);
+``--report`` reads that folder and writes OUT/cluster_steps.{txt,json,png}; ``--out`` (OUT) is
+deft-bench-results by default, and bench/results for the committed files (bench/cluster_all.sh).
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ from pathlib import Path
 
 from deft_kernels.benchmarks import DEFAULT_OUT
 
-SPARSE = ("topk", "deft", "cltk", "micro")
+# DeftState variants a method may name: method -> (sparsifier, the options it passes to DeftState).
+VARIANTS = {"deft-leader": ("deft", {"plan": "leader"})}  # "deft" is DEFT's default, the plan one step ahead
+SPARSE = ("topk", "deft", "cltk", "micro", *VARIANTS)
 DEFAULT_METHODS = ["compute", "sync", "allreduce", "powersgd", "topk:0.01", "deft:0.01", "topk:0.001", "deft:0.001"]
 BATCH = {"resnet18": 16, "ncf": 256}
 
@@ -90,6 +96,12 @@ def _sync_hook(sizes: dict, bucket):
     return _stub_hook(sizes, bucket)
 
 
+def sparsifier_of(method: str) -> tuple[str, dict]:
+    """The sparsifier's registry name and the options a sparse method (``SPARSE``) passes to it."""
+    sparsifier, options = VARIANTS.get(method, (method, {}))
+    return sparsifier, dict(options)
+
+
 def _attach(method: str, density: float | None, ddp, warmup: int, seed: int, sizes: dict):
     """Register ``method``'s hook; returns (state or None, bytes-per-call function)."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
@@ -106,7 +118,8 @@ def _attach(method: str, density: float | None, ddp, warmup: int, seed: int, siz
                                             start_powerSGD_iter=max(2, warmup - 1), random_seed=seed)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return state
-    state = DeftState(sparsifier=method, density=density, warmup_steps=max(1, warmup - 2))
+    sparsifier, options = sparsifier_of(method)
+    state = DeftState(sparsifier=sparsifier, density=density, warmup_steps=max(1, warmup - 2), **options)
     ddp.register_comm_hook(state, deft_hook)
     return state
 
@@ -152,7 +165,8 @@ def _isolated_exchange(method: str, density: float | None, module, loss_fn, size
         loss_fn(module).backward()
         params = [p for p in module.parameters() if p.requires_grad]
         grad = torch.cat([p.grad.reshape(-1) for p in params])
-        sp = sparsifiers.build(method, density)
+        sparsifier, options = sparsifier_of(method)
+        sp = sparsifiers.build(sparsifier, density, **options)
         for r in range(repeats + 1):
             dist.barrier()
             t = time.perf_counter()
@@ -241,6 +255,8 @@ class MethodRun:
                 self.hook[key] += hook1[key] - hook0[key]
 
     def finish(self, bucket_sizes: dict) -> dict:
+        from deft_kernels import driver
+
         steps = len(self.laps["step"])
         row = {"method": self.method, "density": self.density, "numel": self.numel, "rank": self.rank,
                "steps_ms": [1e3 * t for t in self.laps["step"]],
@@ -252,6 +268,7 @@ class MethodRun:
                 row[f"hook_{key}_ms"] = 1e3 * self.hook[key] / self.hook["steps"]
             row["sent_elements"] = self.hook["sent"] / self.hook["steps"]
             row["selected_elements"] = self.hook["selected"] / self.hook["steps"]
+            row["index_bytes"] = driver.index_dtype(self.numel).itemsize
         if self.method == "compute":
             row["bucket_sizes"] = [self.sizes[i] for i in sorted(self.sizes)]
         del self.opt, self.ddp
@@ -335,11 +352,13 @@ def launch(args: argparse.Namespace) -> int:
            "warmup": args.warmup, "steps": args.steps, "rounds": min(args.rounds, args.steps),
            "bucket_cap_mb": args.bucket_cap_mb, "seed": args.seed, "pg_timeout": args.pg_timeout}
     stem = f"{args.model}_n{args.nodes}_{args.bandwidth}{args.tag}"
-    raw = raw_dir(args.out)
+    raw = Path(args.raw)
+    load = os.getloadavg()
     run = launch_on_cluster(__file__, cfg, args, raw, stem, expect=args.nodes)
     if run is None:
         return 1
-    out = {"config": run["config"], "ranks": sorted(run["results"], key=lambda r: r["rank"])}
+    out = {"config": {**run["config"], "load_average_start": load, "load_average_end": os.getloadavg()},
+           "ranks": sorted(run["results"], key=lambda r: r["rank"])}
     (raw / f"{stem}.json").write_text(json.dumps(out, indent=1))
     print(f"{stem}: link {out['config']['link_goodput_mbps']:.0f} Mb/s goodput, {out['config']['wall_s']:.0f} s; "
           f"{raw / stem}.json")
@@ -389,7 +408,8 @@ def summarize(run: dict) -> list[dict]:
                "link_goodput_mbps": cfg["link_goodput_mbps"]}
         ring = 2 * (n - 1) / n  # what each node sends in gloo's ring all-reduce, per byte reduced
         if row["method"] in SPARSE:  # all-gather of the indices (padded to the largest), all-reduce of the values
-            row["wire_model_mb"] = ((n - 1) * 8 * max(r["selected_elements"] for r in rs)
+            # index bytes as recorded (int32 below 2^31 elements); launches that did not record them: int64
+            row["wire_model_mb"] = ((n - 1) * rs[0].get("index_bytes", 8) * max(r["selected_elements"] for r in rs)
                                     + ring * 4 * rs[0]["sent_elements"]) / 1e6
         elif row["method"] in ("allreduce", "powersgd"):
             row["wire_model_mb"] = ring * row["exchange_mb"]
@@ -440,7 +460,8 @@ def report(out_dir: Path, raw: Path) -> int:
              "bytes per step (mean over nodes); xchg MB = what the exchange says it handed to the collectives;",
              "model MB = what gloo's ring algorithms send per node for that exchange (all-reduce 2(n-1)/n of the",
              "bytes; all-gather n-1 times the largest rank's mean part: DEFT pads to each step's largest part, which",
-             "this leaves out); comp:AR = compute step / all-reduce alone.", "", head]
+             "this leaves out, as it leaves out the leader protocol's header and plan and the tail of norms and status",
+             "after the values); comp:AR = compute step / all-reduce alone.", "", head]
     for r in rows:
         hook = (f"{r['hook_t_select_ms']:.0f}/{r['hook_t_comm_ms']:.0f}/{r['hook_t_other_ms']:.0f}"
                 if "hook_t_select_ms" in r else "")
@@ -465,18 +486,26 @@ def report(out_dir: Path, raw: Path) -> int:
     return 0
 
 
+CONDENSED = ["compute", "allreduce", "powersgd", *(f"{m} {d}" for d in ("1.0%", "0.1%")
+                                                   for m in ("topk", "deft-leader", "deft"))]
+
+
 def condensed(rows: list[dict]) -> list[str]:
-    """The step times side by side, one line per (model, n, bandwidth), as a markdown table."""
-    labels = ["compute", "allreduce", "powersgd", "topk 1.0%", "deft 1.0%", "topk 0.1%", "deft 0.1%"]
-    out = ["| model | n | bandwidth | compute : all-reduce alone | " + " | ".join(labels) + " | DEFT 1% / compute |",
-           "|---|---|---|---|" + "---|" * (len(labels) + 1)]
+    """The step times side by side, one line per (model, n, bandwidth), as a markdown table: the
+    columns of ``CONDENSED`` that some row has, then each DEFT protocol's step at d = 1% over compute."""
+    present = {r["label"] for r in rows}
+    labels = [label for label in CONDENSED if label in present]
+    ratios = [label for label in ("deft-leader 1.0%", "deft 1.0%") if label in present]
+    names = {"deft-leader 1.0%": "DEFT leader 1% / compute", "deft 1.0%": "DEFT 1% / compute"}
+    out = ["| model | n | bandwidth | compute : all-reduce alone | " + " | ".join(labels + [names[r] for r in ratios])
+           + " |", "|---|---|---|---|" + "---|" * (len(labels) + len(ratios))]
     for key in dict.fromkeys((r["model"], r["nodes"], r["bandwidth"]) for r in rows):
         by = {r["label"]: r for r in rows if (r["model"], r["nodes"], r["bandwidth"]) == key}
         ratio = next((r["compute_over_allreduce"] for r in by.values() if r["compute_over_allreduce"]), None)
         cells = [f"{by[label]['step_ms']:,.0f}" if label in by else "" for label in labels]
-        deft = f"{by['deft 1.0%']['step_over_compute']:.2f}" if "deft 1.0%" in by else ""
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {f'{ratio:.3g}' if ratio else ''} | " + " | ".join(cells)
-                   + f" | {deft} |")
+        cells += [f"{by[label]['step_over_compute']:.2f}" if label in by and by[label]["step_over_compute"] else ""
+                  for label in ratios]
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {f'{ratio:.3g}' if ratio else ''} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -495,8 +524,9 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted(((_bw_bits(r["bandwidth"]) / 1e9, r["step_ms"] / 1e3) for r in sub if r["label"] == label))
             style = {"compute": dict(color="k", ls="--"), "sync": dict(color="grey", ls=":"),
                      "allreduce": dict(color="tab:red", lw=2), "powersgd": dict(color="tab:green")}.get(label, {})
-            if label.startswith("deft"):
-                style = dict(lw=2.5, color="tab:blue", ls="-" if "1.0%" in label else ":")
+            if label.startswith("deft"):  # the leader protocol in purple beside the default's blue
+                style = dict(lw=2.5, color="tab:purple" if label.startswith("deft-leader") else "tab:blue",
+                             ls="-" if "1.0%" in label else ":")
             elif label.startswith("topk"):
                 style = dict(color="tab:orange", ls="-" if "1.0%" in label else ":")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
@@ -519,10 +549,10 @@ def plot(rows: list[dict], path: Path) -> None:
 # -- command line --------------------------------------------------------------------------------------------
 
 def _methods_arg(text: str) -> str:
-    m = re.fullmatch(r"(compute|sync|allreduce|powersgd)|(topk|deft|cltk|micro):(0?\.\d+|1)", text)
+    m = re.fullmatch(rf"(compute|sync|allreduce|powersgd)|({'|'.join(map(re.escape, SPARSE))}):(0?\.\d+|1)", text)
     if not m:
         raise argparse.ArgumentTypeError(f"expected compute, sync, allreduce, powersgd or SPARSIFIER:DENSITY "
-                                         f"(topk, deft, cltk, micro; e.g. deft:0.01), got {text!r}")
+                                         f"({', '.join(SPARSE)}; e.g. deft:0.01, deft-leader:0.01), got {text!r}")
     return text
 
 
@@ -548,8 +578,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds before the launch is killed")
     p.add_argument("--pg-timeout", type=int, default=120, help="process group timeout (s)")
     p.add_argument("--tag", default="", help="suffix of the raw result's name")
-    p.add_argument("--raw", default=None, help="--report: the folder of raw launches to summarise "
-                   "(default: OUT/cluster_steps/raw)")
+    p.add_argument("--raw", default=None, help="the folder of raw launches: a launch writes there, --report "
+                   "summarises it (default: OUT/cluster_steps/raw)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder of the raw launches and of the report "
                    "(bench/results: the committed ones)")
     args = p.parse_args(argv)
@@ -563,6 +593,7 @@ def parse_args(argv: list[str] | None):
         p.error("--bandwidth none: the launches are named by their rate; give one")
     if not re.fullmatch(r"[\w.-]*", args.tag):
         p.error(f"--tag must be letters, digits, '_', '.', '-', got {args.tag!r}")
+    args.raw = args.raw or str(raw_dir(args.out))
     return args
 
 
@@ -571,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
     if args.report:
-        return report(Path(args.out), Path(args.raw) if args.raw else raw_dir(args.out))
+        return report(Path(args.out), Path(args.raw))
     return launch(args)
 
 

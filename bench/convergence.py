@@ -8,7 +8,8 @@
 
 Each sparsifier trains the same model from the same initial weights on the same data in the same order
 through the DDP hook (``DeftState`` + ``deft_hook``, the product's headline path), with the same
-dense warm-up. Reported: final training loss (the whole training set), held-out test accuracy,
+dense warm-up; ``deft`` is DEFT's default (the plan one step ahead), ``deft-leader`` DEFT with
+``plan="leader"`` (the paper's protocol). Reported: final training loss (the whole training set), held-out test accuracy,
 the density actually sent (mean over the sparse steps; Top-k and the threshold exceed the request
 through build-up), and the wall time of the run on this machine.
 
@@ -47,7 +48,9 @@ from deft_kernels import DeftState, deft_hook
 from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.sparsifiers import SPARSIFIERS
 
-ORDER = ["dense", "topk", "cltk", "threshold", "sidco", "deft", "micro"]
+ORDER = ["dense", "topk", "cltk", "threshold", "sidco", "deft", "deft-leader", "micro"]
+# Variants a run may name beside the registered sparsifiers: name -> (sparsifier, its options).
+VARIANTS = {"deft-leader": ("deft", {"plan": "leader"})}  # "deft" is DEFT's default, the plan one step ahead
 
 
 def load_data(seed: int):
@@ -67,8 +70,10 @@ def build_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def sparsifier_kwargs(name: str, args) -> dict:
-    return {"threshold": args.threshold} if name == "threshold" else {}
+def sparsifier_of(name: str, args) -> tuple[str, dict]:
+    """The registered sparsifier a run's ``name`` trains with, and the options it passes to it."""
+    sparsifier, options = VARIANTS.get(name, (name, {}))
+    return sparsifier, {**options, **({"threshold": args.threshold} if sparsifier == "threshold" else {})}
 
 
 def train_one(run: str, rank: int, world_size: int, args, data) -> dict:
@@ -77,10 +82,10 @@ def train_one(run: str, rank: int, world_size: int, args, data) -> dict:
     x_train, y_train, x_test, y_test = (t.to(dtype) if t.is_floating_point() else t for t in data)
     model = build_model(args.seed).to(dtype)
     ddp = DDP(model)
-    kwargs = sparsifier_kwargs(name, args)
+    sparsifier, kwargs = sparsifier_of(name, args)
     if residual not in ("", "auto"):
         kwargs["residual_dtype"] = getattr(torch, residual)
-    state = DeftState(sparsifier=name, density=args.density, warmup_steps=args.warmup, **kwargs)
+    state = DeftState(sparsifier=sparsifier, density=args.density, warmup_steps=args.warmup, **kwargs)
     ddp.register_comm_hook(state, deft_hook)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     per_rank = args.batch // world_size
@@ -170,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threshold", type=float, default=0.01, help="HardThreshold's lambda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparsifiers", default=",".join(n for n in ORDER if n in SPARSIFIERS),
-                   help="comma-separated names (default: every registered one)")
+    p.add_argument("--sparsifiers", default=",".join(n for n in ORDER if n in SPARSIFIERS or n in VARIANTS),
+                   help="comma-separated names: registered sparsifiers and " + ", ".join(VARIANTS)
+                   + " (default: all of them)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     p.add_argument("--residual-dtypes", default="auto",
                    help="comma-separated residual dtypes to run each sparsifier with (auto, float32, bfloat16)")
@@ -179,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=f"{DEFAULT_OUT}/convergence_digits", help="path without extension")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.sparsifiers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SPARSIFIERS]
+    unknown = [n for n in names if n not in SPARSIFIERS and n not in VARIANTS]
     if unknown:
-        p.error(f"--sparsifiers: unknown {unknown}; registered: {sorted(SPARSIFIERS)}")
+        p.error(f"--sparsifiers: unknown {unknown}; registered: {sorted(SPARSIFIERS)}, variants: {sorted(VARIANTS)}")
     if args.workers < 1 or args.batch % args.workers:
         p.error("--workers must be >= 1 and divide --batch")
     residuals = [r.strip() for r in args.residual_dtypes.split(",") if r.strip()]

@@ -441,7 +441,26 @@ def test_ddp_lookup_cost_finds_the_model_and_reports():
 @pytest.mark.parametrize("script,args,message", [
     ("ddp_lookup_cost.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
     ("exit_abort.py", ["--runs", "0"], "--runs must be at least 1, got 0"),
+    ("convergence.py", ["--sparsifiers", "deft,deft-lead"], "--sparsifiers: unknown ['deft-lead']"),
 ])
 def test_bench_scripts_refuse_bad_counts(script, args, message):
     done = _bench_script(script, *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_digits_convergence_trains_both_deft_protocols():
+    """bench/convergence.py's deft-leader is DEFT with plan="leader", deft the default (one step ahead)."""
+    import argparse
+    from pathlib import Path
+
+    from deft_kernels import sparsifiers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import convergence
+
+    args = argparse.Namespace(threshold=0.02)
+    assert convergence.sparsifier_of("deft-leader", args) == ("deft", {"plan": "leader"})
+    assert convergence.sparsifier_of("threshold", args) == ("threshold", {"threshold": 0.02})
+    for name, protocol in (("deft", "ahead"), ("deft-leader", "leader")):
+        sparsifier, options = convergence.sparsifier_of(name, args)
+        assert sparsifiers.build(sparsifier, 0.01, **options).plan_protocol == protocol

@@ -251,6 +251,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     ("cluster_steps", ["--warmup", "1"], "--warmup"),
     ("cluster_steps", ["--nodes", "x"], "--nodes"),
     ("cluster_steps", ["--tag", "a/b"], "--tag"),
+    ("cluster_steps", ["--methods", "deft-ahead:0.01"], "--methods"),
+    ("cluster_steps", ["--methods", "deft-leader"], "--methods"),
     ("cluster_convergence", ["--batch", "63", "--nodes", "2"], "--batch"),
     ("cluster_convergence", ["--methods", "sidco"], "--methods"),
     ("cluster_convergence", ["--bandwidth", "1gb"], "--bandwidth"),
@@ -311,6 +313,54 @@ def test_cluster_steps_summary_takes_the_slowest_rank_and_the_ring_model():
         rank["rows"].append({**next(r for r in rank["rows"] if r["method"] == "deft"), "plan": "ahead"})
     rows = {r["label"]: r for r in cluster_steps.summarize(run)}
     assert rows["deft[ahead] 1.0%"]["plan"] == "ahead" and rows["deft 1.0%"]["plan"] is None
+
+
+def test_cluster_steps_names_both_deft_protocols_and_their_options_reach_deftstate():
+    import cluster_steps
+
+    from deft_kernels import DeftState, sparsifiers
+
+    args = cluster_steps.parse_args(["--methods", "compute", "deft-leader:0.01", "deft:0.01", "topk:0.001"])
+    assert args.methods == ["compute", "deft-leader:0.01", "deft:0.01", "topk:0.001"]
+    assert cluster_steps.sparsifier_of("deft-leader") == ("deft", {"plan": "leader"})
+    assert cluster_steps.sparsifier_of("deft") == ("deft", {})
+    for method in ("deft-leader", "deft"):
+        name, options = cluster_steps.sparsifier_of(method)
+        assert DeftState(sparsifier=name, density=0.01, **options).sparsifier_kwargs == options
+        assert sparsifiers.build(name, 0.01, **options).plan_protocol == ("leader" if method == "deft-leader" else "ahead")
+
+
+def test_cluster_steps_tables_the_leader_protocol_beside_the_default():
+    import cluster_steps
+
+    steps = {"compute": 100.0, "sync": 110.0, "allreduce": 160.0, "deft": 121.0}
+    ranks = [_rank_rows(r, steps) for r in range(2)]
+    for rank in ranks:  # the leader protocol's row, recorded with int32 indices
+        leader = {**rank["rows"][-1], "method": "deft-leader", "step_ms": 131.0, "index_bytes": 4}
+        rank["rows"].append(leader)
+    run = {"config": {"model": "m", "nodes": 2, "bandwidth": "1gbit", "link_goodput_mbps": 950.0}, "ranks": ranks}
+    rows = cluster_steps.summarize(run)
+    by = {r["label"]: r for r in rows}
+    assert by["deft-leader 1.0%"]["step_ms"] == 131.0 and by["deft 1.0%"]["step_ms"] == 121.0
+    assert by["deft-leader 1.0%"]["wire_model_mb"] == pytest.approx((1 * 4 * 4 + 1.0 * 4 * 10) / 1e6)
+    assert by["deft 1.0%"]["wire_model_mb"] == pytest.approx((1 * 8 * 4 + 1.0 * 4 * 10) / 1e6)  # not recorded: int64
+    table = cluster_steps.condensed(rows)
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[4:] == ["compute", "allreduce", "deft-leader 1.0%", "deft 1.0%", "DEFT leader 1% / compute",
+                        "DEFT 1% / compute"]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[-2:] == [f"{131.0 / 101.0:.2f}", f"{121.0 / 101.0:.2f}"]
+
+
+def test_cluster_convergence_runs_both_deft_protocols_by_default():
+    import cluster_convergence
+
+    args = cluster_convergence.parse_args(["--out", "o"])
+    assert {"deft", "deft-leader"} <= set(args.methods) and args.raw == str(Path("o", "cluster_convergence", "raw"))
+    table = cluster_convergence.methods({"powersgd_rank": 4, "density": 0.01})
+    assert table["deft-leader"].options == {"plan": "leader"} and table["deft"].options == {}
+    assert table["deft-leader"].kind == table["deft"].kind == "deft"
+    assert all(m.rejected() is None for m in table.values())
 
 
 def test_cluster_steps_report_reads_the_raw_folder_it_is_given(tmp_path, capsys):
