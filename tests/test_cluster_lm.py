@@ -319,3 +319,48 @@ def test_dry_run_end_to_end_on_loopback(tmp_path):
         assert rows[deft]["exchange_mb_per_step"] < rows["allreduce"]["exchange_mb_per_step"]
     assert (tmp_path / "cluster_lm.png").read_bytes().startswith(b"\x89PNG")
     assert "allreduce" in (tmp_path / "cluster_lm.txt").read_text()
+
+
+# -- the residual probe (bench/lm_residual.py) -------------------------------------------------------------------
+
+TINY_PROBE = ["--context", "16", "--width", "32", "--layers", "1", "--heads", "2", "--warmup", "3", "--probe-steps",
+              "4", "--steps", "20", "--lr-warmup", "2", "--eval-every", "2", "--val-windows", "8", "--threads", "1"]
+
+
+def test_residual_probe_branches_from_one_dense_state_and_counts_what_each_method_sends(tmp_path):
+    import lm_residual
+    from deft_kernels import planning
+
+    argv = TINY_PROBE + ["--out", str(tmp_path / "probe"), "--methods"]
+    doc = lm_residual.run(lm_residual.parse_args(argv + ["dense", "topk-0.01", "deft-0.01"]))
+    alone = lm_residual.run(lm_residual.parse_args(argv + ["deft-0.01"]))
+    # every method continues from the same dense state: DEFT's run does not depend on what ran before it
+    assert alone["methods"]["deft-0.01"]["curve"] == doc["methods"]["deft-0.01"]["curve"]
+    assert doc["methods"]["dense"]["curve"] != doc["methods"]["deft-0.01"]["curve"]
+    c = doc["config"]
+    assert sum(c["bucket_numel"]) == c["parameters"] == sum(c["group_sizes"].values())
+    k = sum(planning.budget(0.01, n) for n in c["bucket_numel"])
+    for name, m in doc["methods"].items():
+        assert [p["step"] for p in m["curve"]] == [5, 7]
+        for s in m["steps"]:
+            sent = sum(g.get("sent", 0) for g in s["groups"].values())
+            if name == "deft-0.01":  # no build-up: the budget, plus at most one a fragment (each sends >= 1)
+                assert k <= sent <= k + 2 * sum(map(len, c["buckets"]))
+            elif name == "topk-0.01":
+                assert k <= sent <= 2 * k  # the union of two workers' top-k
+            for g in s["groups"].values():
+                assert g.get("captured2", 0.0) <= g.get("acc2", 0.0) * (1 + 1e-9)
+    rows = lm_residual.summary(doc, 4, 7)
+    assert rows["dense"]["tok"]["r_over_g"] is None and rows["deft-0.01"]["tok"]["r_over_g"] > 0
+    assert sum(v["sent_share"] for v in rows["deft-0.01"].values()) == pytest.approx(1.0)
+    assert "deft-0.01" in lm_residual.table(doc)
+
+
+@pytest.mark.parametrize("bad, message", [(["--methods", "deft-2"], "--methods"), (["--methods", "nope-0.1"], "--methods"),
+                                          (["--batch", "15"], "--batch"), (["--probe-steps", "30"], "--probe-steps")])
+def test_residual_probe_options_name_the_bad_one(bad, message, capsys):
+    import lm_residual
+
+    with pytest.raises(SystemExit):
+        lm_residual.parse_args(TINY_PROBE + ["--out", "x"] + bad)
+    assert message in capsys.readouterr().err
