@@ -1,6 +1,7 @@
 """Time to the same validation loss for a byte-level GPT over the emulated cluster: DDP's all-reduce,
-torch's PowerSGD hook at ranks 1, 4 and 16, Top-k and DEFT at d = 1% and 0.1% train the same model
-from the same seed on the same batches, one process per node.
+torch's PowerSGD hook at ranks 1, 4 and 16, Top-k and DEFT at d = 1% and 0.1% (DEFT with either plan
+protocol: ``deft-ahead``, the plan one step ahead, and ``deft-leader``, the paper's) train the same
+model from the same seed on the same batches, one process per node.
 
     python bench/cluster_lm.py --nodes 2 --bandwidth 200mbit --seed 0   # one launch (needs root)
     python bench/cluster_lm.py --report                                 # table, JSON and plot of all launches
@@ -49,9 +50,10 @@ from deft_kernels.benchmarks import DEFAULT_OUT
 from deft_kernels.benchmarks.cluster import parse_rate
 
 DENSITIES = {"1%": 0.01, "0.1%": 0.001}
-# DeftState variants: name -> the options they pass (a plan protocol, once DeftState takes one, is one
-# more entry here: "deft-ahead": {"plan": "ahead"}, "deft-leader": {"plan": "leader"}).
-DEFT_VARIANTS: dict[str, dict] = {"deft": {}}
+# DeftState variants: name -> the options they pass. Both plan protocols (docs/algorithm.md, "The plan
+# one step ahead"): every worker plans the next step from the norms summed in this one (the default),
+# or the leader plans from its own and broadcasts (the paper's).
+DEFT_VARIANTS: dict[str, dict] = {"deft-ahead": {"plan": "ahead"}, "deft-leader": {"plan": "leader"}}
 
 
 def method_table(deft_variants: dict[str, dict]) -> dict[str, Method]:
@@ -354,6 +356,8 @@ def _style(name: str, seed_rank: int) -> dict:
     family, _, variant = name.partition("-")
     shades = {"powersgd": {"r1": "#a1d99b", "r4": "#41ab5d", "r16": "#005a32"}}
     color = {"allreduce": "tab:red", "topk": "tab:orange", "deft": "tab:blue"}.get(family)
+    if family == "deft" and variant.startswith("leader"):
+        color = "tab:purple"
     if family == "powersgd":
         color = shades["powersgd"].get(variant, "tab:green")
     style = {"color": color, "lw": 2.2 if family == "deft" else 1.4, "ls": ":" if variant.endswith("0.1%") else "-"}

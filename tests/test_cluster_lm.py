@@ -185,8 +185,9 @@ def test_method_table_holds_the_issues_methods():
     table = cluster_lm.METHODS
     assert table["allreduce"].kind == "allreduce"
     assert [table[f"powersgd-r{r}"].rank for r in (1, 4, 16)] == [1, 4, 16]
-    for family in ("topk", "deft"):
+    for family in ("topk", "deft-ahead", "deft-leader"):
         assert table[f"{family}-1%"].density == 0.01 and table[f"{family}-0.1%"].density == 0.001
+    assert table["deft-ahead-1%"].options == {"plan": "ahead"} and table["deft-leader-0.1%"].options == {"plan": "leader"}
     assert all(m.rejected() is None for m in table.values())
 
 
@@ -262,13 +263,13 @@ def _launch(seed: int, date: str, finals: dict[str, list[float]]) -> dict:
 
 
 def test_summary_targets_allreduce_plus_two_percent_and_keeps_the_latest_launch():
-    old = _launch(0, "2026-12-01", {"allreduce": [4.0, 3.0, 2.5, 2.0], "deft-1%": [4.0, 3.0, 2.9, 2.8]})
-    new = _launch(0, "2026-12-02", {"deft-1%": [4.0, 2.5, 2.04, 2.02], "topk-1%": [4.0, 3.5, 3.0, 2.1]})
+    old = _launch(0, "2026-12-01", {"allreduce": [4.0, 3.0, 2.5, 2.0], "deft-ahead-1%": [4.0, 3.0, 2.9, 2.8]})
+    new = _launch(0, "2026-12-02", {"deft-ahead-1%": [4.0, 2.5, 2.04, 2.02], "topk-1%": [4.0, 3.5, 3.0, 2.1]})
     rows = {r["method"]: r for r in cluster_lm.summarize([old, new])}
     assert rows["allreduce"]["target_bpb"] == pytest.approx(2.04)
     assert rows["allreduce"]["time_to_target_s"] == 30.0
-    assert rows["deft-1%"]["time_to_target_s"] == 20.0  # the newer launch's deft
-    assert rows["deft-1%"]["speedup_to_target"] == pytest.approx(1.5)
+    assert rows["deft-ahead-1%"]["time_to_target_s"] == 20.0  # the newer launch's deft
+    assert rows["deft-ahead-1%"]["speedup_to_target"] == pytest.approx(1.5)
     assert rows["topk-1%"]["time_to_target_s"] is None
     assert rows["topk-1%"]["final_vs_allreduce"] == pytest.approx(0.05)
     assert rows["allreduce"]["allreduce_over_compute"] == pytest.approx(1.6)
@@ -295,13 +296,15 @@ def test_report_says_when_there_is_nothing(tmp_path, capsys):
 
 
 def test_dry_run_end_to_end_on_loopback(tmp_path):
-    """The whole pipeline with a tiny model: torchrun on loopback, every asked method, the report."""
-    argv = ["--dry-run", "--nodes", "2", "--methods", "allreduce", "powersgd-r1", "deft-1%", "--timeout", "240",
+    """The whole pipeline with a tiny model: torchrun on loopback, every asked method (DEFT with both
+    plan protocols), the report."""
+    argv = ["--dry-run", "--nodes", "2", "--methods", "allreduce", "powersgd-r1", "deft-ahead-1%", "deft-leader-1%",
+            "--timeout", "240",
             "--raw", str(tmp_path / "raw"), "--out", str(tmp_path)]
     assert cluster_lm.main(argv) == 0, (tmp_path / "raw" / "lm_n2_loopback_s0.log").read_text()[-3000:]
     doc = json.loads((tmp_path / "cluster_lm.json").read_text())
     rows = {r["method"]: r for r in doc["rows"]}
-    assert set(rows) == {"allreduce", "powersgd-r1", "deft-1%"}
+    assert set(rows) == {"allreduce", "powersgd-r1", "deft-ahead-1%", "deft-leader-1%"}
     assert all(math.isfinite(r["final_bpb"]) and r["final_bpb"] < 8.5 for r in rows.values())
     launch = doc["launches"][0]
     assert launch["corpus"]["files_sha256"] == lm.load_corpus().files_sha256
@@ -311,6 +314,53 @@ def test_dry_run_end_to_end_on_loopback(tmp_path):
     dense = [r["curve"][1]["val_bpb"] for r in launch["runs"]]
     assert dense == pytest.approx([dense[0]] * len(dense), rel=1e-5), dense
     assert len({r["curve"][-1]["val_bpb"] for r in launch["runs"]}) == len(launch["runs"])
-    assert rows["deft-1%"]["exchange_mb_per_step"] < rows["allreduce"]["exchange_mb_per_step"]
+    for deft in ("deft-ahead-1%", "deft-leader-1%"):
+        assert rows[deft]["spec"]["options"]["plan"] == deft.split("-")[1]
+        assert rows[deft]["exchange_mb_per_step"] < rows["allreduce"]["exchange_mb_per_step"]
     assert (tmp_path / "cluster_lm.png").read_bytes().startswith(b"\x89PNG")
     assert "allreduce" in (tmp_path / "cluster_lm.txt").read_text()
+
+
+# -- the residual probe (bench/lm_residual.py) -------------------------------------------------------------------
+
+TINY_PROBE = ["--context", "16", "--width", "32", "--layers", "1", "--heads", "2", "--warmup", "3", "--probe-steps",
+              "4", "--steps", "20", "--lr-warmup", "2", "--eval-every", "2", "--val-windows", "8", "--threads", "1"]
+
+
+def test_residual_probe_branches_from_one_dense_state_and_counts_what_each_method_sends(tmp_path):
+    import lm_residual
+    from deft_kernels import planning
+
+    argv = TINY_PROBE + ["--out", str(tmp_path / "probe"), "--methods"]
+    doc = lm_residual.run(lm_residual.parse_args(argv + ["dense", "topk-0.01", "deft-0.01"]))
+    alone = lm_residual.run(lm_residual.parse_args(argv + ["deft-0.01"]))
+    # every method continues from the same dense state: DEFT's run does not depend on what ran before it
+    assert alone["methods"]["deft-0.01"]["curve"] == doc["methods"]["deft-0.01"]["curve"]
+    assert doc["methods"]["dense"]["curve"] != doc["methods"]["deft-0.01"]["curve"]
+    c = doc["config"]
+    assert sum(c["bucket_numel"]) == c["parameters"] == sum(c["group_sizes"].values())
+    k = sum(planning.budget(0.01, n) for n in c["bucket_numel"])
+    for name, m in doc["methods"].items():
+        assert [p["step"] for p in m["curve"]] == [5, 7]
+        for s in m["steps"]:
+            sent = sum(g.get("sent", 0) for g in s["groups"].values())
+            if name == "deft-0.01":  # no build-up: the budget, plus at most one a fragment (each sends >= 1)
+                assert k <= sent <= k + 2 * sum(map(len, c["buckets"]))
+            elif name == "topk-0.01":
+                assert k <= sent <= 2 * k  # the union of two workers' top-k
+            for g in s["groups"].values():
+                assert g.get("captured2", 0.0) <= g.get("acc2", 0.0) * (1 + 1e-9)
+    rows = lm_residual.summary(doc, 4, 7)
+    assert rows["dense"]["tok"]["r_over_g"] is None and rows["deft-0.01"]["tok"]["r_over_g"] > 0
+    assert sum(v["sent_share"] for v in rows["deft-0.01"].values()) == pytest.approx(1.0)
+    assert "deft-0.01" in lm_residual.table(doc)
+
+
+@pytest.mark.parametrize("bad, message", [(["--methods", "deft-2"], "--methods"), (["--methods", "nope-0.1"], "--methods"),
+                                          (["--batch", "15"], "--batch"), (["--probe-steps", "30"], "--probe-steps")])
+def test_residual_probe_options_name_the_bad_one(bad, message, capsys):
+    import lm_residual
+
+    with pytest.raises(SystemExit):
+        lm_residual.parse_args(TINY_PROBE + ["--out", "x"] + bad)
+    assert message in capsys.readouterr().err
