@@ -269,6 +269,8 @@ class MethodRun:
             row["sent_elements"] = self.hook["sent"] / self.hook["steps"]
             row["selected_elements"] = self.hook["selected"] / self.hook["steps"]
             row["index_bytes"] = driver.index_dtype(self.numel).itemsize
+        if sparsifier_of(self.method)[0] == "deft":  # the plan protocol that ran, for validate_projection
+            row["plan"] = plan_of(self.method)
         if self.method == "compute":
             row["bucket_sizes"] = [self.sizes[i] for i in sorted(self.sizes)]
         del self.opt, self.ddp
@@ -371,10 +373,32 @@ def launch(args: argparse.Namespace) -> int:
 
 # -- report ---------------------------------------------------------------------------------------------------
 
+def plan_of(method: str) -> str:
+    """The DEFT plan protocol a method runs: its variant's ``plan`` (``deft-leader``), else DEFT's default."""
+    import inspect
+
+    from deft_kernels.sparsifiers import DEFT
+
+    return sparsifier_of(method)[1].get("plan", inspect.signature(DEFT).parameters["plan"].default)
+
+
+def _plan(row: dict, cfg: dict) -> str | None:
+    """A DEFT row's plan protocol: as recorded; for launches that did not record it, a variant's own
+    (``deft-leader``: "leader"), and "ahead" for ``deft`` in a launch that also ran ``deft-leader``
+    (that variant exists only since the plan one step ahead became DEFT's default); else None (a
+    launch from before ``DEFT(plan=...)``: the leader's step)."""
+    if row.get("plan") or row["method"] not in SPARSE or sparsifier_of(row["method"])[0] != "deft":
+        return row.get("plan")
+    if row["method"] in VARIANTS:
+        return VARIANTS[row["method"]][1]["plan"]
+    return "ahead" if any(m.partition(":")[0] in VARIANTS for m in cfg.get("methods", ())) else None
+
+
 def _label(row: dict) -> str:
-    """``method[plan] density``: a DEFT row of the plan protocol ``plan`` (``DEFT(plan=...)``) names it;
-    rows measured before the protocols existed have none (they ran ``"leader"``)."""
-    return row["method"] + (f"[{row['plan']}]" if row.get("plan") else "") + (f" {row['density']:.1%}" if row["density"] else "")
+    """``method[plan] density``: a ``deft`` row that recorded its plan protocol names it (a variant's
+    name says it already); rows measured before the protocols existed have none (they ran ``"leader"``)."""
+    plan = f"[{row['plan']}]" if row.get("plan") and row["method"] not in VARIANTS else ""
+    return row["method"] + plan + (f" {row['density']:.1%}" if row["density"] else "")
 
 
 def summarize(run: dict) -> list[dict]:
@@ -393,7 +417,7 @@ def summarize(run: dict) -> list[dict]:
     for label, rs in by_spec.items():
         step = max(r["step_ms"] for r in rs)
         row = {"model": cfg["model"], "nodes": n, "bandwidth": cfg["bandwidth"], "label": label,
-               "method": rs[0]["method"], "plan": rs[0].get("plan"), "density": rs[0]["density"], "numel": rs[0]["numel"],
+               "method": rs[0]["method"], "plan": _plan(rs[0], cfg), "density": rs[0]["density"], "numel": rs[0]["numel"],
                "step_ms": step,
                "compute_ms": compute, "exposed_ms": step - compute if compute else None,
                "step_over_compute": step / compute if compute else None,

@@ -101,7 +101,7 @@ def ddp_buckets(model: str, nodes: int, bandwidth: str, raw: Path | None = None)
 def method_of(row: dict) -> str:
     """The projection's method for a measured point: DEFT by its plan protocol (``plan``, "leader"
     where the point has none: the driver before DEFT(plan=...))."""
-    if row["method"] != "deft":
+    if row["method"] not in ("deft", "deft-leader"):  # deft-leader: bench/cluster_steps.py's DEFT(plan="leader")
         return row["method"]
     plan = row.get("plan") or "leader"
     if plan not in DEFT_PLANS:

@@ -377,3 +377,30 @@ def test_cluster_steps_report_reads_the_raw_folder_it_is_given(tmp_path, capsys)
     assert cluster_steps.report(tmp_path / "out", raw=raw) in (0, None)
     rows = json.loads((tmp_path / "out" / "cluster_steps.json").read_text())["rows"]
     assert {(r["model"], r["nodes"], r["method"]) for r in rows} >= {("m", 2, "deft"), ("m", 2, "compute")}
+
+
+def test_cluster_steps_report_knows_each_rows_plan_protocol():
+    """Raw launches made before the rows recorded their plan: ``deft-leader`` ran "leader", and
+    ``deft`` beside it ran DEFT's default, the plan one step ahead; a launch without the variant
+    ran the leader's step (None); a recorded plan wins. validate_projection prices each as it ran."""
+    import cluster_steps
+    import validate_projection
+
+    steps = {"compute": 100.0, "sync": 110.0, "allreduce": 160.0, "deft": 121.0}
+
+    def launch(methods, leader_too):
+        ranks = [_rank_rows(r, steps) for r in range(2)]
+        if leader_too:
+            for rank in ranks:
+                rank["rows"].append({**next(r for r in rank["rows"] if r["method"] == "deft"), "method": "deft-leader"})
+        cfg = {"model": "m", "nodes": 2, "bandwidth": "1gbit", "link_goodput_mbps": 950.0, "methods": methods}
+        return {r["label"]: r for r in cluster_steps.summarize({"config": cfg, "ranks": ranks})}
+
+    rows = launch(["compute", "sync", "allreduce", "deft-leader:0.01", "deft:0.01"], True)
+    assert rows["deft 1.0%"]["plan"] == "ahead" and rows["deft-leader 1.0%"]["plan"] == "leader"
+    assert validate_projection.method_of(rows["deft 1.0%"]) == "deft-ahead"
+    assert validate_projection.method_of(rows["deft-leader 1.0%"]) == "deft-leader"
+    rows = launch(["compute", "sync", "allreduce", "deft:0.01"], False)
+    assert rows["deft 1.0%"]["plan"] is None and validate_projection.method_of(rows["deft 1.0%"]) == "deft-leader"
+    assert rows["allreduce"]["plan"] is None
+    assert cluster_steps.plan_of("deft") == "ahead" and cluster_steps.plan_of("deft-leader") == "leader"
