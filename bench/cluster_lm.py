@@ -259,6 +259,7 @@ def summarize(launches: list[dict]) -> list[dict]:
                      "final_vs_allreduce": r["final_bpb"] / ref[1]["final_bpb"] - 1 if ref else None,
                      "time_to_target_s": t, "allreduce_time_to_target_s": ref_t,
                      "speedup_to_target": ref_t / t if t and ref_t else None,
+                     "allreduce_bpb_then": _bpb_at(ref[1]["curve"], r["train_time_s"]) if ref else None,
                      "train_time_s": r["train_time_s"], "median_step_ms": r["median_step_ms"],
                      "wire_mb_per_step": tx / 1e6 if tx is not None else None,
                      "exchange_mb_per_step": r["exchange_bytes_per_step"] / 1e6,
@@ -269,6 +270,13 @@ def summarize(launches: list[dict]) -> list[dict]:
     order = {name: i for i, name in enumerate(METHODS)}
     rows.sort(key=lambda r: (r["nodes"], r["bandwidth"], r["seed"], order.get(r["method"], len(order)), r["method"]))
     return rows
+
+
+def _bpb_at(curve: list[dict], time_s: float) -> float | None:
+    """The validation bits per byte of ``curve`` at its last evaluation at or before ``time_s`` of
+    training (all-reduce's, at the time another method ended: who is ahead at the same wall-clock)."""
+    seen = [e["val_bpb"] for e in curve if e["time_s"] <= time_s + 1e-9]
+    return seen[-1] if seen else None
 
 
 def _f(v, fmt: str, missing: str = "-") -> str:
@@ -289,7 +297,8 @@ def table(rows: list[dict], launches: list[dict]) -> str:
         f"{TARGET:.0%};",
         "to target = rank 0's training time to the first evaluation at or under it; step ms = median after the dense "
         "steps;", "wire MB = rank 0's node's veth bytes sent per step (median after the dense steps); exch MB = what "
-        "the exchange says it sent per step.", ""]
+        "the exchange says it sent per step;", "AR then = all-reduce's validation bpb at the time this method's "
+        "training ended (its last evaluation by then): below final bpb, all-reduce was ahead at the same wall-clock.", ""]
     for run in launches:
         c = run["config"]
         lines.append(f"launch n = {c['nodes']} at {c['bandwidth']}, seed {c['seed']} ({c['date']}, "
@@ -298,11 +307,12 @@ def table(rows: list[dict], launches: list[dict]) -> str:
                      f"{run['allreduce_alone_ms'] / run['compute_ms']:.2f}); link {_f(c['link_goodput_mbps'], '.0f')} "
                      f"Mb/s" + "".join(f"; skipped {k}: {v}" for k, v in run.get("skipped", {}).items()))
     lines += ["", f"{'n':>2} {'bw':>8} {'seed':>4} {'method':<16}{'final bpb':>10}{'vs AR':>8}{'to target s':>12}"
-                  f"{'vs AR':>7}{'train s':>9}{'step ms':>9}{'wire MB':>9}{'exch MB':>9}"]
+                  f"{'vs AR':>7}{'train s':>9}{'AR then':>9}{'step ms':>9}{'wire MB':>9}{'exch MB':>9}"]
     for r in rows:
         lines.append(f"{r['nodes']:>2} {r['bandwidth']:>8} {r['seed']:>4} {r['method']:<16}{r['final_bpb']:>10.4f}"
                      f"{_f(r['final_vs_allreduce'], '+.2%'):>8}{_f(r['time_to_target_s'], '.0f', 'not reached'):>12}"
-                     f"{_f(r['speedup_to_target'], '.2f') + ('x' if r['speedup_to_target'] else ''):>7}{r['train_time_s']:>9.0f}{r['median_step_ms']:>9.0f}"
+                     f"{_f(r['speedup_to_target'], '.2f') + ('x' if r['speedup_to_target'] else ''):>7}{r['train_time_s']:>9.0f}"
+                     f"{_f(r['allreduce_bpb_then'], '.4f'):>9}{r['median_step_ms']:>9.0f}"
                      f"{_f(r['wire_mb_per_step'], '.3f'):>9}{r['exchange_mb_per_step']:>9.3f}")
     return "\n".join(lines) + "\n"
 

@@ -273,6 +273,10 @@ def test_summary_targets_allreduce_plus_two_percent_and_keeps_the_latest_launch(
     assert rows["topk-1%"]["time_to_target_s"] is None
     assert rows["topk-1%"]["final_vs_allreduce"] == pytest.approx(0.05)
     assert rows["allreduce"]["allreduce_over_compute"] == pytest.approx(1.6)
+    # all-reduce's loss at the time each method ended: its last evaluation by then
+    assert rows["topk-1%"]["allreduce_bpb_then"] == 2.0
+    assert cluster_lm._bpb_at(old["runs"][0]["curve"], 25.0) == 2.5
+    assert cluster_lm._bpb_at(old["runs"][0]["curve"], 0.0) == 4.0
     text = cluster_lm.table(list(rows.values()), [old, new])
     assert "not reached" in text and "sha256 abababab" in text
 
