@@ -155,11 +155,11 @@ def write_results(text: str, command: str, args, rows: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     dense = next((r for r in rows if r["sparsifier"] == "dense"), None)
-    lines = [f"{'sparsifier':<10} {'residual':>9} {'train loss':>10} {'test acc':>9} {'vs dense':>9} "
+    lines = [f"{'sparsifier':<11} {'residual':>9} {'train loss':>10} {'test acc':>9} {'vs dense':>9} "
              f"{'density sent':>13} {'time s':>7}"]
     for r in rows:
         delta = f"{100 * (r['test_acc'] - dense['test_acc']):+.1f} pt" if dense else "-"
-        lines.append(f"{r['sparsifier']:<10} {r['residual']:>9} "
+        lines.append(f"{r['sparsifier']:<11} {r['residual']:>9} "
                      f"{r['train_loss']:>10.4f} {100 * r['test_acc']:>8.1f}% {delta:>9} "
                      f"{r['density_sent']:>13.4f} {r['seconds']:>7.1f}")
     return "\n".join(lines)
