@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         why = None
         if r["method"] == "sync":
             why = "the calibration of --collective-overhead sync, not a method"
-        elif r["method"] not in METHODS:
+        elif r["method"] not in METHODS and r["method"] != "deft-leader":
             why = f"method {r['method']!r} is not modelled"
         elif key not in compute:
             why = "no compute-only step measured for this (model, n, bandwidth)"
