@@ -387,10 +387,10 @@ def _plan(row: dict, cfg: dict) -> str | None:
     (``deft-leader``: "leader"), and "ahead" for ``deft`` in a launch that also ran ``deft-leader``
     (that variant exists only since the plan one step ahead became DEFT's default); else None (a
     launch from before ``DEFT(plan=...)``: the leader's step)."""
-    if row.get("plan") or row["method"] not in SPARSE or sparsifier_of(row["method"])[0] != "deft":
+    if row.get("plan") or sparsifier_of(row["method"])[0] != "deft":
         return row.get("plan")
     if row["method"] in VARIANTS:
-        return VARIANTS[row["method"]][1]["plan"]
+        return plan_of(row["method"])
     return "ahead" if any(m.partition(":")[0] in VARIANTS for m in cfg.get("methods", ())) else None
 
 

@@ -54,6 +54,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from cluster_steps import sparsifier_of
+
 from deft_kernels.benchmarks import DEFAULT_OUT
 
 RESULTS = Path(__file__).resolve().parent / "results"  # the committed inputs
@@ -101,9 +103,10 @@ def ddp_buckets(model: str, nodes: int, bandwidth: str, raw: Path | None = None)
 def method_of(row: dict) -> str:
     """The projection's method for a measured point: DEFT by its plan protocol (``plan``, "leader"
     where the point has none: the driver before DEFT(plan=...))."""
-    if row["method"] not in ("deft", "deft-leader"):  # deft-leader: bench/cluster_steps.py's DEFT(plan="leader")
+    sparsifier, options = sparsifier_of(row["method"])  # deft-leader: bench/cluster_steps.py's DEFT(plan="leader")
+    if sparsifier != "deft":
         return row["method"]
-    plan = row.get("plan") or "leader"
+    plan = row.get("plan") or options.get("plan", "leader")
     if plan not in DEFT_PLANS:
         raise LookupError(f"unknown DEFT plan protocol {plan!r}")
     return f"deft-{plan}"
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         why = None
         if r["method"] == "sync":
             why = "the calibration of --collective-overhead sync, not a method"
-        elif r["method"] not in METHODS and r["method"] != "deft-leader":
+        elif sparsifier_of(r["method"])[0] not in METHODS:
             why = f"method {r['method']!r} is not modelled"
         elif key not in compute:
             why = "no compute-only step measured for this (model, n, bandwidth)"
